@@ -1,0 +1,26 @@
+"""SLIMP: nested multi-modal contrastive learning for skin lesions, as a transformers model.
+
+Importing this package registers SLIMP with the transformers auto classes, so that
+`AutoModel.from_pretrained(path)` works without `trust_remote_code` once it is installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
+from .modeling_slimp import SLIMPForLesionClassification, SLIMPModel, SLIMPOutput, SLIMPPreTrainedModel
+from .processing_slimp import SLIMPProcessor
+
+AutoConfig.register(SLIMPConfig.model_type, SLIMPConfig, exist_ok=True)
+AutoConfig.register(SLIMPMetadataConfig.model_type, SLIMPMetadataConfig, exist_ok=True)
+AutoModel.register(SLIMPConfig, SLIMPModel, exist_ok=True)
+AutoModelForImageClassification.register(SLIMPConfig, SLIMPForLesionClassification, exist_ok=True)
+
+__all__ = [
+    "SLIMPConfig",
+    "SLIMPMetadataConfig",
+    "SLIMPModel",
+    "SLIMPForLesionClassification",
+    "SLIMPOutput",
+    "SLIMPPreTrainedModel",
+    "SLIMPProcessor",
+]

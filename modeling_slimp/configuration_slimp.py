@@ -1,0 +1,246 @@
+"""Configuration of SLIMP: the image tower, the two metadata towers and the nested contrastive head.
+
+No torch here: a config is data. `SLIMPMetadataConfig` is also the *metadata schema* (feature names,
+kinds, category vocabularies, normalisation statistics), fitted on the training split by
+`SLIMPProcessor.fit_metadata_schema` and stored once, in `config.json`, where both the model and the
+processor read it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# ISIC 2024 (SLICE-3D) input columns: the release schema. Never add label-leaking columns
+# (`target`, `iddx_*`, `mel_thick_mm`, `mel_mitotic_index`, `lesion_id`).
+ISIC2024_LESION_NUMERICAL = ["clin_size_long_diam_mm"] + [
+    f"tbp_lv_{name}"
+    for name in (
+        "A Aext B Bext C Cext H Hext L Lext areaMM2 area_perim_ratio color_std_mean deltaA deltaB deltaL "
+        "deltaLB deltaLBnorm eccentricity minorAxisMM nevi_confidence norm_border norm_color perimeterMM "
+        "radial_color_std_max stdL stdLExt symm_2axis symm_2axis_angle x y z"
+    ).split()
+]
+ISIC2024_LESION_CATEGORICAL = {
+    "anatom_site_general": ["head/neck", "upper extremity", "lower extremity", "anterior torso", "posterior torso"],
+    "tbp_tile_type": ["3D: white", "3D: XP"],
+    "tbp_lv_location_simple": [
+        "Head & Neck", "Left Arm", "Right Arm", "Left Leg", "Right Leg", "Torso Front", "Torso Back",
+    ],
+}
+ISIC2024_PATIENT_NUMERICAL = ["age_approx"]
+ISIC2024_PATIENT_CATEGORICAL = {"sex": ["female", "male"]}
+
+PATIENT_AGGREGATIONS = ("mean", "attention")
+CLASSIFIER_FEATURES = ("image", "image+lesion", "image+lesion+patient")
+
+
+class SLIMPMetadataConfig(PreTrainedConfig):
+    r"""Configuration of one FT-Transformer metadata tower, and the schema of the features it reads.
+
+    Args:
+        numerical_features (`list[str]`): column names of the numerical features, in input order.
+        categorical_features (`dict[str, list[str]]`): column name -> category vocabulary, in input order.
+            Category id 0 is reserved for "missing/unknown"; vocabulary entry `j` has id `j + 1`.
+        numerical_mean, numerical_std (`list[float]`): normalisation statistics, one per numerical
+            feature (fitted on the training split). Defaults: 0 and 1.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: transformer widths.
+        feature_dropout (`float`): probability, in training, of marking a present feature as missing.
+        hidden_dropout, attention_dropout (`float`): dropout in the blocks.
+        layer_norm_eps, initializer_range, hidden_act: the usual.
+    """
+
+    model_type: ClassVar[str] = "slimp_metadata"
+    base_config_key: ClassVar[str] = "metadata_config"
+
+    numerical_features: list[str] | None = None
+    categorical_features: dict[str, list[str]] | None = None
+    numerical_mean: list[float] | None = None
+    numerical_std: list[float] | None = None
+    hidden_size: int = 192
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 8
+    intermediate_size: int | None = None
+    feature_dropout: float = 0.1
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    hidden_act: str = "gelu"
+
+    def __post_init__(self, **kwargs):
+        self.numerical_features = list(self.numerical_features or [])
+        self.categorical_features = {str(k): [str(c) for c in v] for k, v in (self.categorical_features or {}).items()}
+        n = len(self.numerical_features)
+        self.numerical_mean = [float(v) for v in self.numerical_mean] if self.numerical_mean is not None else [0.0] * n
+        self.numerical_std = [float(v) for v in self.numerical_std] if self.numerical_std is not None else [1.0] * n
+        if self.intermediate_size is None:
+            self.intermediate_size = 2 * self.hidden_size
+        self._validate()
+        super().__post_init__(**kwargs)
+
+    def _validate(self) -> None:
+        n = len(self.numerical_features)
+        for name in ("numerical_mean", "numerical_std"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"SLIMPMetadataConfig.{name} has {len(getattr(self, name))} values but numerical_features has "
+                    f"{n} ({self.numerical_features}); give one statistic per numerical feature."
+                )
+        bad_std = [f for f, s in zip(self.numerical_features, self.numerical_std) if not (s > 0 and math.isfinite(s))]
+        if bad_std:
+            raise ValueError(f"SLIMPMetadataConfig.numerical_std must be finite and > 0; not so for {bad_std}.")
+        bad_mean = [f for f, m in zip(self.numerical_features, self.numerical_mean) if not math.isfinite(m)]
+        if bad_mean:
+            raise ValueError(f"SLIMPMetadataConfig.numerical_mean must be finite; not so for {bad_mean}.")
+        names = self.numerical_features + list(self.categorical_features)
+        duplicates = sorted({f for f in names if names.count(f) > 1})
+        if duplicates:
+            raise ValueError(f"SLIMPMetadataConfig: features listed twice: {duplicates}.")
+        for feature, vocabulary in self.categorical_features.items():
+            if len(vocabulary) == 0 or len(set(vocabulary)) != len(vocabulary):
+                raise ValueError(
+                    f"SLIMPMetadataConfig.categorical_features['{feature}'] must be a non-empty list of distinct "
+                    f"categories, got {vocabulary}."
+                )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"SLIMPMetadataConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"SLIMPMetadataConfig.feature_dropout must be in [0, 1), got {self.feature_dropout}.")
+
+    @property
+    def num_numerical(self) -> int:
+        return len(self.numerical_features)
+
+    @property
+    def num_categorical(self) -> int:
+        return len(self.categorical_features)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """All features in token order: numerical first, then categorical."""
+        return self.numerical_features + list(self.categorical_features)
+
+
+def _release_vision_config() -> ViTConfig:
+    """ViT-S/16 at 224 px (DINOv2-small/ViT-S sized): the release image tower."""
+    return ViTConfig(
+        image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+        intermediate_size=1536, layer_norm_eps=1e-6,
+    )
+
+
+class SLIMPConfig(PreTrainedConfig):
+    r"""Configuration of a SLIMP model (`SLIMPModel`, `SLIMPForLesionClassification`).
+
+    `SLIMPConfig()` with no arguments is the release architecture: a ViT-S/16 image tower at 224 px and
+    FT-Transformer towers over the ISIC 2024 (SLICE-3D) metadata columns.
+
+    Args:
+        vision_config (`PreTrainedConfig` or `dict` with `model_type`): any transformers vision config
+            (ViT, DINOv2, ResNet, ConvNeXt, ...); the tower is `AutoModel.from_config(vision_config)`.
+        lesion_metadata_config, patient_metadata_config (`SLIMPMetadataConfig` or `dict`): the two
+            metadata towers and their schemas.
+        projection_dim (`int`): width D of every embedding the losses compare.
+        lesion_loss_weight (`float`): λ in `L = λ·L_lesion + (1 − λ)·L_patient`; λ = 1 is the flat
+            lesion-only (CLIP-style image-metadata) loss.
+        image_ssl_weight (`float`): weight w of the SimCLR NT-Xent term between two views of each image;
+            the total is `(1 − w)·L_nested + w·L_ssl`, so w = 1 is the image-only SimCLR baseline.
+        ssl_temperature (`float`): NT-Xent temperature.
+        patient_aggregation (`"mean"` or `"attention"`): how a patient's lesion representations are pooled.
+        logit_scale_init_value (`float`): initial log logit scale of both levels (ln(1/0.07)).
+        max_logit_scale (`float`): clamp of the log logit scales (ln 100).
+        classifier_features (`"image"`, `"image+lesion"` or `"image+lesion+patient"`): the features that
+            `SLIMPForLesionClassification` reads.
+        classifier_dropout (`float`): dropout before the classification head.
+        class_weights (`list[float]`, optional): per-class weights of the classification loss.
+        initializer_range (`float`): std of the truncated-normal init of the SLIMP-specific layers.
+    """
+
+    model_type: ClassVar[str] = "slimp"
+    sub_configs_defaults: ClassVar[dict] = {
+        "vision_config": SubConfigSpec(AutoConfig, model_type="vit"),
+        "lesion_metadata_config": SLIMPMetadataConfig,
+        "patient_metadata_config": SLIMPMetadataConfig,
+    }
+
+    vision_config: Any = None
+    lesion_metadata_config: Any = None
+    patient_metadata_config: Any = None
+    projection_dim: int = 256
+    lesion_loss_weight: float = 0.5
+    image_ssl_weight: float = 0.0
+    ssl_temperature: float = 0.1
+    patient_aggregation: str = "mean"
+    logit_scale_init_value: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    classifier_features: str = "image+lesion+patient"
+    classifier_dropout: float = 0.0
+    class_weights: list[float] | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = _release_vision_config()
+        elif isinstance(self.vision_config, dict):
+            vision = dict(self.vision_config)
+            if "model_type" not in vision:
+                raise ValueError(
+                    "SLIMPConfig.vision_config given as a dict needs a 'model_type' (e.g. 'vit', 'dinov2', 'resnet')."
+                )
+            self.vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+        elif not isinstance(self.vision_config, PreTrainedConfig):
+            raise TypeError(
+                f"SLIMPConfig.vision_config must be a transformers config or a dict, got {type(self.vision_config)}."
+            )
+        if self.lesion_metadata_config is None:
+            self.lesion_metadata_config = SLIMPMetadataConfig(
+                numerical_features=ISIC2024_LESION_NUMERICAL, categorical_features=ISIC2024_LESION_CATEGORICAL
+            )
+        if self.patient_metadata_config is None:
+            self.patient_metadata_config = SLIMPMetadataConfig(
+                numerical_features=ISIC2024_PATIENT_NUMERICAL, categorical_features=ISIC2024_PATIENT_CATEGORICAL
+            )
+        for key in ("lesion_metadata_config", "patient_metadata_config"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, SLIMPMetadataConfig(**value))
+            elif not isinstance(value, SLIMPMetadataConfig):
+                raise TypeError(f"SLIMPConfig.{key} must be a SLIMPMetadataConfig or a dict, got {type(value)}.")
+        super().__post_init__(**kwargs)
+        if self.id2label is not None and not self.label2id:
+            self.label2id = {label: index for index, label in self.id2label.items()}
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.patient_aggregation not in PATIENT_AGGREGATIONS:
+            raise ValueError(
+                f"SLIMPConfig.patient_aggregation must be one of {PATIENT_AGGREGATIONS}, got '{self.patient_aggregation}'."
+            )
+        if self.classifier_features not in CLASSIFIER_FEATURES:
+            raise ValueError(
+                f"SLIMPConfig.classifier_features must be one of {CLASSIFIER_FEATURES}, got '{self.classifier_features}'."
+            )
+        for name in ("lesion_loss_weight", "image_ssl_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SLIMPConfig.{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.projection_dim < 1:
+            raise ValueError(f"SLIMPConfig.projection_dim must be >= 1, got {self.projection_dim}.")
+        if self.ssl_temperature <= 0:
+            raise ValueError(f"SLIMPConfig.ssl_temperature must be > 0, got {self.ssl_temperature}.")
+        if self.class_weights is not None and self.id2label is not None and len(self.class_weights) != len(self.id2label):
+            raise ValueError(
+                f"SLIMPConfig.class_weights has {len(self.class_weights)} values but there are {len(self.id2label)} "
+                f"labels ({self.id2label})."
+            )
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"SLIMPConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
+
+
+__all__ = ["SLIMPConfig", "SLIMPMetadataConfig"]
