@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -96,13 +97,15 @@ class SLIMPProcessor:
 
     # ----- persistence -----
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write `preprocessor_config.json`, and `config.json` (the schema) unless a model put one there.
+        """Write `preprocessor_config.json`, this file, and `config.json` (the schema) unless a model put one there.
 
         An existing `config.json` must hold the same metadata schema: a mismatch raises instead of
         leaving a processor and a model that disagree.
         """
         os.makedirs(save_directory, exist_ok=True)
         self.image_processor.save_pretrained(save_directory, **kwargs)
+        # The code travels with the folder, as the model's does, for users without this package.
+        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
         config_file = os.path.join(save_directory, "config.json")
         if not os.path.exists(config_file):
             self.config.save_pretrained(save_directory)
