@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                   include_malignant=data_args.include_malignant)
     # The sampler shards by rank itself: the loader is not passed through accelerator.prepare.
-    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=train_collator, num_workers=data_args.num_workers,
-                        persistent_workers=data_args.num_workers > 0)
+    # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
+    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=train_collator, num_workers=data_args.num_workers)
     batches_per_epoch = len(sampler)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -258,6 +258,7 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
     while state["global_step"] < stop_at:
         sampler.set_epoch(state["epoch"])
         sampler.set_start_batch(state["batches_in_epoch"])
+        loader.collate_fn.set_epoch(state["epoch"])
         for batch in loader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch.pop("labels", None)

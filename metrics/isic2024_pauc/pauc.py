@@ -1,0 +1,48 @@
+"""The ISIC 2024 challenge metric: partial ROC AUC above a minimum true-positive rate.
+
+This file is the project's one implementation of the metric. It imports only numpy and
+scikit-learn, so that both the `evaluate` module next to it (``isic2024_pauc.py``, which imports it
+relatively and runs from the Hub without the SLIMP repository) and ``training.metrics`` (which loads
+this file by path) use exactly this function.
+
+Reference: the official scoring code of the Kaggle competition "ISIC 2024 - Skin Cancer Detection
+with 3D-TBP" (https://www.kaggle.com/competitions/isic-2024-challenge, "Evaluation").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import roc_auc_score
+
+
+def isic2024_pauc(y: ArrayLike, score: ArrayLike, min_tpr: float = 0.8) -> float:
+    """Partial area under the ROC curve above `min_tpr` true-positive rate (ISIC 2024 metric).
+
+    The area between the ROC curve and the horizontal line TPR = `min_tpr`, over FPR in [0, 1]:
+    a value in [0, 1 - min_tpr], i.e. 0..0.2 by default; a perfect ranking scores 0.2 and a random
+    one about 0.02. Computed as in the official scoring code: flip the problem (`1 - y`, `-score`),
+    take scikit-learn's McClish-standardised partial AUC over FPR in [0, 1 - min_tpr] of the flipped
+    problem, and undo the standardisation.
+
+    Args:
+        y: (N,) binary targets, 1 = malignant (positive).
+        score: (N,) scores, higher = more likely malignant. Only their order matters.
+        min_tpr: the TPR threshold, in [0, 1).
+
+    Returns:
+        The partial AUC; NaN if `y` holds a single class (the metric is undefined).
+    """
+    y = np.asarray(y).ravel()
+    score = np.asarray(score, dtype=np.float64).ravel()
+    if y.shape != score.shape:
+        raise ValueError(f"y has {y.shape[0]} values but score has {score.shape[0]}")
+    if not 0.0 <= min_tpr < 1.0:
+        raise ValueError(f"min_tpr must be in [0, 1), got {min_tpr}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y must be binary 0/1, got values {np.unique(y)[:10].tolist()}")
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    max_fpr = 1.0 - min_tpr
+    scaled = roc_auc_score(1 - y, -score, max_fpr=max_fpr)  # McClish: 0.5 random .. 1 perfect
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5))
