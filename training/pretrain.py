@@ -19,6 +19,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -190,6 +191,7 @@ def validate(model: SLIMPModel, collator, dataset, batch_size: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
     set_seed(args.seed)
@@ -312,12 +314,12 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
 
 def log_step(accelerator, model: SLIMPModel, out, scheduler, step: int, lesions_per_second: float) -> dict:
     record = {
-        "train/loss": float(out.loss), "train/lesion_loss": float(out.lesion_loss), "train/patient_loss": float(out.patient_loss),
-        "train/lesion_logit_scale": float(model.lesion_logit_scale.exp()), "train/patient_logit_scale": float(model.patient_logit_scale.exp()),
+        "train/loss": out.loss.item(), "train/lesion_loss": out.lesion_loss.item(), "train/patient_loss": out.patient_loss.item(),
+        "train/lesion_logit_scale": model.lesion_logit_scale.exp().item(), "train/patient_logit_scale": model.patient_logit_scale.exp().item(),
         "train/learning_rate": scheduler.get_last_lr()[0], "train/lesions_per_second": lesions_per_second, "step": step,
     }
     if out.image_ssl_loss is not None:
-        record["train/image_ssl_loss"] = float(out.image_ssl_loss)
+        record["train/image_ssl_loss"] = out.image_ssl_loss.item()
     accelerator.log(record, step=step)
     logger.info("step %d %s", step, json.dumps({k: round(v, 4) for k, v in record.items() if k != "step"}), main_process_only=True)
     return record

@@ -23,8 +23,6 @@ from training.features import FEATURE_SETS, extract_features, linear_probe, prob
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
-LICENSES = {"isic2024": "cc-by-nc-4.0", "isic-archive": "cc-by-nc-4.0", "ham10000": "cc-by-nc-4.0",
-            "pad-ufes-20": "cc-by-4.0", "synthetic": "apache-2.0"}
 
 
 def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0) -> dict:
@@ -62,7 +60,8 @@ def render_model_card(config, schema: dict, dataset_dir: str, results: dict, tas
     _, header, body = text.split("---", 2)
     meta = yaml.safe_load(header)
     source = schema.get("source", "unknown")
-    meta["license"] = LICENSES.get(source, meta.get("license", "other"))
+    # The weights inherit the data's licence (ISIC data is CC-BY-NC-4.0); Hub licence ids are lower case.
+    meta["license"] = str(schema.get("license") or meta.get("license", "other")).lower()
     meta["datasets"] = [schema.get("hub_dataset_id") or f"{source} (converted with training/prepare_data.py)"]
     meta["metrics"] = ["roc_auc", "isic2024_pauc", "balanced_accuracy", "recall"]
     meta["model-index"] = _model_index(model_id or "slimp", source, results, task)

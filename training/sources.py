@@ -1,0 +1,282 @@
+"""What each SLIMP data source looks like: its columns (a `SourceSpec` per source) and its image stores.
+
+`training/prepare_data.py` turns any source into the layout of `docs/data_format.md`; this module holds
+the per-source facts (which column is the image id, the patient, the label; which columns are
+patient-level or lesion-level inputs; which leak the label) and the readers that do not depend on the
+source: `read_metadata` (CSV -> normalised DataFrame) and the image stores (`Hdf5ImageStore` for the
+Kaggle SLICE-3D `train-image.hdf5`, `FolderImageStore` for folders of image files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+ISIC_LICENSE = "CC-BY-NC-4.0"
+
+# The 32 `tbp_lv_*` lesion measurements of ISIC 2024 (SPEC section 4).
+TBP_LV_MEASUREMENTS = tuple(
+    "tbp_lv_" + name
+    for name in (
+        "A Aext B Bext C Cext H Hext L Lext areaMM2 area_perim_ratio color_std_mean deltaA deltaB deltaL "
+        "deltaLB deltaLBnorm eccentricity minorAxisMM nevi_confidence norm_border norm_color perimeterMM "
+        "radial_color_std_max stdL stdLExt symm_2axis symm_2axis_angle x y z"
+    ).split()
+)
+
+
+class InputError(ValueError):
+    """An input that cannot be converted at all: a missing file or folder, a missing required column."""
+
+
+class MissingImage(KeyError):
+    """The image store holds no image for this id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """The columns of one source. Feature columns absent from a given CSV are skipped (and reported)."""
+
+    name: str
+    license: str
+    description: str
+    id_column: str
+    patient_column: str
+    label_column: str
+    label_names: Optional[tuple[str, ...]] = None  # None: the sorted distinct values found in the data
+    label_map: Optional[dict[str, str]] = None  # raw value -> label name; None: the raw value is the name
+    patient_numerical: tuple[str, ...] = ()
+    patient_categorical: tuple[str, ...] = ()
+    lesion_numerical: tuple[str, ...] = ()
+    lesion_categorical: tuple[str, ...] = ()
+    domain_column: Optional[str] = None
+    never_input: tuple[str, ...] = ()  # fnmatch patterns of label-leaking columns; dropped from the data
+    na_values: tuple[str, ...] = ()  # source-specific spellings of "missing", on top of pandas' defaults
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return self.patient_numerical + self.patient_categorical + self.lesion_numerical + self.lesion_categorical
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.id_column, self.patient_column, self.label_column)
+
+    def leaks(self, column: str) -> bool:
+        return column == self.label_column or any(fnmatch.fnmatchcase(column, p) for p in self.never_input)
+
+
+ISIC2024 = SourceSpec(
+    name="isic2024",
+    license=ISIC_LICENSE,
+    description="ISIC 2024 Challenge / SLICE-3D: 15x15 mm crops from 3D total-body photographs (Kaggle layout).",
+    id_column="isic_id",
+    patient_column="patient_id",
+    label_column="target",
+    label_names=("benign", "malignant"),
+    label_map={"0": "benign", "1": "malignant"},
+    patient_numerical=("age_approx",),
+    patient_categorical=("sex",),
+    lesion_numerical=("clin_size_long_diam_mm",) + TBP_LV_MEASUREMENTS,
+    lesion_categorical=("anatom_site_general", "tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple"),
+    domain_column="attribution",
+    never_input=("target", "iddx_*", "mel_thick_mm", "mel_mitotic_index", "lesion_id"),
+)
+
+ISIC_ARCHIVE = SourceSpec(
+    name="isic-archive",
+    license=ISIC_LICENSE,
+    description="ISIC Archive images and metadata as written by `isic image download` (isic-cli).",
+    id_column="isic_id",
+    patient_column="patient_id",
+    label_column="benign_malignant",
+    label_names=("benign", "malignant"),
+    label_map={"benign": "benign", "malignant": "malignant"},
+    patient_numerical=("age_approx",),
+    patient_categorical=("sex", "family_hx_mm", "personal_hx_mm", "fitzpatrick_skin_type"),
+    lesion_numerical=("clin_size_long_diam_mm",),
+    lesion_categorical=("anatom_site_general", "anatom_site_special", "dermoscopic_type", "image_type",
+                        "tbp_tile_type"),
+    domain_column="attribution",
+    never_input=("benign_malignant", "diagnosis*", "iddx_*", "target", "mel_*", "melanocytic", "nevus_type",
+                 "concomitant_biopsy", "lesion_id"),
+)
+
+HAM10000 = SourceSpec(
+    name="ham10000",
+    license="CC-BY-NC-4.0",
+    description="HAM10000 dermatoscopic images (Tschandl et al. 2018); no patient id, lesion_id groups images.",
+    id_column="image_id",
+    patient_column="lesion_id",
+    label_column="dx",
+    label_names=("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"),
+    patient_numerical=("age",),
+    patient_categorical=("sex",),
+    lesion_categorical=("localization",),
+    never_input=("dx", "dx_type"),
+    na_values=("unknown",),
+)
+
+PAD_UFES_20 = SourceSpec(
+    name="pad-ufes-20",
+    license="CC-BY-4.0",
+    description="PAD-UFES-20 smartphone images of skin lesions with patient and lesion metadata (Pacheco et al. 2020).",
+    id_column="img_id",
+    patient_column="patient_id",
+    label_column="diagnostic",
+    label_names=("ACK", "BCC", "MEL", "NEV", "SCC", "SEK"),
+    patient_numerical=("age", "fitspatrick"),
+    patient_categorical=("smoke", "drink", "background_father", "background_mother", "pesticide", "gender",
+                         "skin_cancer_history", "cancer_history", "has_piped_water", "has_sewage_system"),
+    lesion_numerical=("diameter_1", "diameter_2"),
+    lesion_categorical=("region", "itch", "grew", "hurt", "changed", "bleed", "elevation"),
+    never_input=("diagnostic", "biopsed"),
+    na_values=("UNK",),
+)
+
+SYNTHETIC = dataclasses.replace(
+    ISIC2024,
+    name="synthetic",
+    license="CC-BY-4.0",
+    description="Synthetic SLICE-3D-like lesions rendered by `training/synthetic.py` (ISIC 2024 columns).",
+)
+
+SOURCES = {spec.name: spec for spec in (ISIC2024, ISIC_ARCHIVE, HAM10000, PAD_UFES_20, SYNTHETIC)}
+
+
+def read_metadata(path: str | os.PathLike, spec: SourceSpec) -> pd.DataFrame:
+    """Read a metadata CSV as pandas strings (missing = NaN); numerical feature columns become float64."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"metadata file not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype=str, na_values=list(spec.na_values), keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable CSV file ({error})") from error
+    for column in spec.required_columns:
+        if column not in frame.columns:
+            raise InputError(
+                f"{path}: required column {column!r} is missing (columns found: {', '.join(frame.columns)})"
+            )
+    for column in spec.patient_numerical + spec.lesion_numerical:
+        if column in frame.columns:
+            frame[column] = to_float(frame[column], f"{path}:{column}")
+    return frame
+
+
+def to_float(values: pd.Series, where: str) -> pd.Series:
+    """Strings -> float64, missing -> NaN; values that are present but not numbers are reported, then NaN."""
+    numbers = pd.to_numeric(values, errors="coerce").astype("float64")
+    bad = values.notna() & numbers.isna()
+    if bad.any():
+        logger.warning("%s: %d non-numeric values read as missing, e.g. %r", where, int(bad.sum()),
+                       values[bad].iloc[0])
+    return numbers
+
+
+def looks_numerical(values: pd.Series) -> bool:
+    present = values.dropna()
+    return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").notna().all())
+
+
+def check_image(data: bytes, mode: str = "decode") -> Optional[str]:
+    """Returns None for a readable image, else why not. `decode` decodes (JPEG at 1/8 scale, which still
+    reads every byte, so truncation is caught); `open` only parses the header; `none` checks nothing."""
+    if mode == "none":
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if mode == "decode":
+                image.draft("RGB", (1, 1))
+                image.load()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class Hdf5ImageStore:
+    """Kaggle SLICE-3D `train-image.hdf5`: one scalar dataset of encoded image bytes per `isic_id`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"image file not found: {self.path}")
+        self._file = None
+
+    def __enter__(self) -> "Hdf5ImageStore":
+        import h5py
+
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({error})") from error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self._file = None
+
+    def describe(self, image_id: str) -> str:
+        return f"{self.path}[{image_id!r}]"
+
+    def read(self, image_id: str) -> bytes:
+        try:
+            entry = self._file[image_id]
+        except KeyError:
+            raise MissingImage(f"image missing from {self.path.name}") from None
+        value = entry[()]  # bytes / numpy.bytes_ (Kaggle), numpy.void or a uint8 array
+        return bytes(value) if isinstance(value, (bytes, np.bytes_)) else value.tobytes()
+
+
+class FolderImageStore:
+    """Image files in one or more folders (searched recursively), found by file name or by name without suffix."""
+
+    def __init__(self, folders: list[str | os.PathLike]):
+        self.folders = [Path(folder) for folder in folders]
+        for folder in self.folders:
+            if not folder.is_dir():
+                raise InputError(f"image folder not found: {folder}")
+        self._index: dict[str, Path] = {}
+
+    def __enter__(self) -> "FolderImageStore":
+        found = 0
+        for folder in self.folders:
+            for root, _, files in os.walk(folder):
+                for name in files:
+                    if name.endswith(IMAGE_SUFFIXES):
+                        found += 1
+                        path = Path(root, name)
+                        self._index.setdefault(name, path)
+                        self._index.setdefault(path.stem, path)
+        logger.info("found %d image files in %s", found, ", ".join(map(str, self.folders)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._index = {}
+
+    def describe(self, image_id: str) -> str:
+        return str(self._index.get(image_id, self.folders[0] / image_id))
+
+    def read(self, image_id: str) -> bytes:
+        path = self._index.get(image_id)
+        if path is None:
+            raise MissingImage(f"no file named {image_id}[.jpg|.png] in {', '.join(map(str, self.folders))}")
+        return path.read_bytes()
+
+
+def open_image_store(paths: list[str | os.PathLike]) -> Hdf5ImageStore | FolderImageStore:
+    """An HDF5 file (one path that is a file) or folders of image files."""
+    if len(paths) == 1 and Path(paths[0]).is_file():
+        return Hdf5ImageStore(paths[0])
+    return FolderImageStore(paths)
