@@ -90,13 +90,16 @@ def test_train_transform_varies_is_reproducible_and_stays_in_range(processor):
     assert torch.equal(seeded[0](rows)["pixel_values"], seeded[1](rows)["pixel_values"])
 
 
-def test_seeded_augmentations_depend_only_on_seed_epoch_and_batch(processor):
-    """What exact resume relies on: no hidden stream state, so a batch replays identically."""
+def test_seeded_augmentations_depend_only_on_seed_epoch_and_image(processor):
+    """What exact resume and multi-process equivalence rely on: no hidden stream state, and an image's
+    augmentation does not depend on the batch it is collated in."""
     rows = [make_row(i, "IP_A") for i in range(3)]
     collator = SLIMPCollator(processor, train=True, seed=3)
     first = collator(rows)["pixel_values"]
     collator([make_row(i, "IP_B") for i in range(5, 8)])  # another batch in between changes nothing
     assert torch.equal(collator(rows)["pixel_values"], first)
+    mixed = collator([make_row(9, "IP_C"), rows[1]])["pixel_values"]  # same image, other batch
+    assert torch.equal(mixed[1], first[1])
     collator.set_epoch(1)
     assert not torch.allclose(collator(rows)["pixel_values"], first)
     other_seed = SLIMPCollator(processor, train=True, seed=4)

@@ -7,9 +7,9 @@ augmentations (PIL + torch RNG, no torchvision) or none for evaluation, and lets
 normalise, encode the metadata and group lesions by patient.
 
 Randomness: with ``seed=None`` each call draws its generator's seed from torch's global RNG. With
-``seed=int`` (what `pretrain.py` uses) the augmentations of a batch are a function of (seed, epoch,
-the batch's ``image_id`` values) only: the same wherever and whenever the batch is collated, in any
-worker, and after a resume from a checkpoint, which is what makes a resumed run reproduce an
+``seed=int`` (what `pretrain.py` uses) each image's augmentation is a function of (seed, epoch,
+``image_id``, view) only: the same whichever batch, worker or process collates it, and after a resume
+from a checkpoint, which is what makes resumed and multi-process runs reproduce a single
 uninterrupted one. Call `set_epoch` each epoch (with non-persistent DataLoader workers, which copy
 the collator when an epoch starts).
 
@@ -253,26 +253,30 @@ class SLIMPCollator:
     def __call__(self, rows: Sequence[dict[str, Any]], generator: torch.Generator | None = None) -> BatchFeature:
         """N dataset rows -> batch (see the class docstring).
 
-        `generator` drives the training augmentations (default: `_call_generator`); evaluation draws
-        no random numbers.
+        `generator` drives all the training augmentations of this call; by default each image gets
+        its own (see `_image_generator`). Evaluation draws no random numbers.
         """
-        images = [decode_image(row[self.image_column], row.get(self.id_column, i)) for i, row in enumerate(rows)]
-        if self.train and generator is None:
-            generator = self._call_generator([row.get(self.id_column, i) for i, row in enumerate(rows)])
-        views = [self.augment(image, generator) for image in images] if self.train else images
+        ids = [row.get(self.id_column, i) for i, row in enumerate(rows)]
+        images = [decode_image(row[self.image_column], image_id) for row, image_id in zip(rows, ids)]
+        views = [self._augment(image, image_id, 0, generator) for image, image_id in zip(images, ids)] if self.train else images
         metadata = [{key: value for key, value in row.items() if key != self.image_column} for row in rows]
         batch = self.processor(images=views, metadata=metadata, return_tensors="pt")
         if rows and all(row.get(self.label_column) is not None for row in rows):
             batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
         if self.two_views:
-            second = [self.augment(image, generator) for image in images]
+            second = [self._augment(image, image_id, 1, generator) for image, image_id in zip(images, ids)]
             batch["ssl_pixel_values"] = self.processor.preprocess_images(second)
         return batch
 
-    def _call_generator(self, ids: Sequence[Any]) -> torch.Generator:
-        """A fresh generator for one call: from (seed, epoch, ids) when seeded, else torch's global RNG."""
+    def _augment(self, image: Image.Image, image_id: Any, view: int, generator: torch.Generator | None) -> Image.Image:
+        return self.augment(image, generator if generator is not None else self._image_generator(image_id, view))
+
+    def _image_generator(self, image_id: Any, view: int) -> torch.Generator:
+        """A generator for one view of one image: from (seed, epoch, image_id, view) when seeded, else
+        from torch's global RNG. Seeded, an image's augmentation does not depend on which batch, worker
+        or process collates it, so resumed and multi-process runs see the same augmented images."""
         if self.seed is None:
             return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-        entropy = [self.seed, self.epoch, *(zlib.crc32(str(i).encode()) for i in ids)]
+        entropy = [self.seed, self.epoch, zlib.crc32(str(image_id).encode()), view]
         state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
         return torch.Generator().manual_seed(state)

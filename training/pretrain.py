@@ -75,6 +75,7 @@ class ModelArguments:
     lesion_loss_weight: float = field(default=0.5, metadata={"help": "λ: L = λ·L_lesion + (1 − λ)·L_patient."})
     patient_aggregation: str = field(default="mean", metadata={"help": "mean | attention"})
     image_ssl_weight: float = field(default=0.0, metadata={"help": "Weight of the SimCLR term (1 = image-only SimCLR baseline)."})
+    feature_dropout: float = field(default=0.1, metadata={"help": "Probability of hiding a present metadata value in training."})
 
 
 @dataclass
@@ -146,6 +147,8 @@ def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPM
                                     model_args.image_size, **overrides)
         model = (SLIMPModel.from_vision_pretrained(model_args.init_vision_from, config)
                  if model_args.init_vision_from else SLIMPModel(config))
+    for tower in (model.config.lesion_metadata_config, model.config.patient_metadata_config):
+        tower.feature_dropout = model_args.feature_dropout
     if model_args.continual:
         if not model_args.init_from:
             raise ValueError("--continual needs --init_from: continual pre-training adapts a pre-trained checkpoint.")
@@ -192,7 +195,10 @@ def validate(model: SLIMPModel, collator, dataset, batch_size: int) -> dict[str,
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # The schedule counts optimizer steps of the global batch: accelerate's default would advance it once
+    # per process per step (it assumes each process adds a batch), ending a 2-process run's schedule early.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+                              step_scheduler_with_optimizer=False,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
     set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
@@ -213,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
                                   include_malignant=data_args.include_malignant)
     # The sampler shards by rank itself: the loader is not passed through accelerator.prepare.
     # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
-    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=train_collator, num_workers=data_args.num_workers)
+    # Its own generator: creating an iterator (each epoch, and on resume) must not consume the global
+    # RNG that feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
+    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=train_collator, num_workers=data_args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed))
     batches_per_epoch = len(sampler)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -281,7 +290,8 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             lesions_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
