@@ -95,16 +95,43 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     Binary labels use the positive-class score; more classes use macro one-vs-rest AUROC (pAUC is
     then reported for class 1 vs rest when present).
     """
+    probe = fit_probe(train_x, train_y, seed=seed, C=C)
+    return probe_metrics(test_y, probe.predict_proba(test_x), probe.classes_)
+
+
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float = 1.0):
+    """The linear probe: standardisation + class-balanced logistic regression, fitted (a scikit-learn
+    pipeline; `predict_proba` columns follow its `classes_`)."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed))
-    probe.fit(train_x, train_y)
-    scores = probe.predict_proba(test_x)
-    classes = probe.classes_
-    positive = scores[:, list(classes).index(1)] if 1 in classes else scores[:, -1]
-    binary = len(classes) == 2
+    return probe.fit(train_x, train_y)
+
+
+def probe_metrics(test_y: np.ndarray, scores: np.ndarray, classes: Sequence[int], num_classes: int | None = None,
+                  positive_class: int = 1) -> dict[str, float]:
+    """AUROC, ISIC 2024 pAUC and balanced accuracy of probe scores.
+
+    Args:
+        test_y: (N,) labels in [0, num_classes).
+        scores: (N, len(classes)) class probabilities, columns in the order of `classes`.
+        classes: the class ids the probe was trained on (`probe.classes_`).
+        num_classes: the dataset's number of classes (default: len(classes)). Binary problems use the
+            positive-class score; more classes use macro one-vs-rest AUROC over the classes present in
+            `test_y` (a class the probe never saw scores 0).
+        positive_class: the class whose one-vs-rest pAUC is reported (NaN if the probe never saw it).
+    """
+    classes = [int(c) for c in classes]
+    num_classes = num_classes or len(classes)
+    seen = positive_class in classes
+    positive = scores[:, classes.index(positive_class)] if seen else np.zeros(len(scores))
+    if num_classes == 2:
+        ranking = positive
+    else:
+        ranking = np.zeros((len(scores), max(num_classes, max(classes) + 1)))  # column c = class c
+        ranking[:, classes] = scores
     return {
-        "auroc": float(auroc(test_y, positive if binary else scores)),
-        "pauc_80tpr": float(isic2024_pauc((test_y == 1).astype(int), positive)),
-        "balanced_accuracy": float(balanced_accuracy(test_y, classes[scores.argmax(1)])),
+        "auroc": float(auroc(test_y, ranking)),
+        "pauc_80tpr": float(isic2024_pauc((test_y == positive_class).astype(int), positive)) if seen else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy(test_y, np.asarray(classes)[scores.argmax(1)])),
     }
 
 
@@ -118,4 +145,5 @@ def retrieval_metrics(features: dict[str, np.ndarray], ks: Sequence[int] = (1, 5
     return result
 
 
-__all__ = ["FEATURE_SETS", "patient_batches", "extract_features", "probe_inputs", "linear_probe", "retrieval_metrics"]
+__all__ = ["FEATURE_SETS", "patient_batches", "extract_features", "probe_inputs", "linear_probe", "fit_probe", "probe_metrics",
+           "retrieval_metrics"]

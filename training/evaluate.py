@@ -1,0 +1,331 @@
+"""Evaluate a SLIMP checkpoint on frozen features: linear probe (full and k-shot) and retrieval.
+
+    python training/evaluate.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
+        --output_dir outputs/slimp-synthetic/eval
+    python training/evaluate.py --model_dir outputs/slimp-isic2024 --dataset_dir data/ham10000 \
+        --output_dir reports/ham10000 --seeds 0 1 2 3 4 --shots 1 5 10 50 --splits train validation test
+    python training/evaluate.py configs/evaluate.yaml                  # a YAML/JSON config-file shortcut
+
+Protocol (SPEC section 5). The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
+first is the probe's training split, each other one is evaluated). Two feature sets: `image`, and
+`image+metadata` (image + lesion metadata + patient metadata + phenotype embeddings). A logistic
+regression probe is fitted on the whole training split, and k-shot probes on k lesions of each class
+(binary: k positives and k negatives) drawn from it, per seed; both feature sets see the same draw.
+A k larger than the rarest class of the training split is skipped and noted. Metrics: AUROC (macro
+one-vs-rest for more than 2 classes), the ISIC 2024 pAUC above 80% TPR (for `--pauc_class` vs rest,
+default class 1) and balanced accuracy, as mean ± sample std over the seeds; the full probe's solver
+is deterministic, so its spread is 0 and the seeds matter for the k-shot draws. Retrieval: recall@1/5/10
+of image -> lesion metadata and back within each evaluated split, beside chance (k/N). Splits are
+patient-disjoint by construction (training/prepare_data.py).
+
+Writes `results.json`, `results.md` (Markdown tables), `roc.png` (full-probe ROC per feature set on the
+last split) and `kshot.png` (AUROC vs k, std error bars) into `--output_dir`; `main` returns the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
+from training.collate import SLIMPCollator  # noqa: E402
+from training.data import load_slimp_dataset  # noqa: E402
+from training.features import FEATURE_SETS, extract_features, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("auroc", "pauc_80tpr", "balanced_accuracy")
+RETRIEVAL_KS = (1, 5, 10)
+
+
+@dataclass
+class EvaluateArguments:
+    model_dir: str = field(metadata={"help": "A saved SLIMPModel folder (pretrain.py output) or Hub id."})
+    dataset_dir: str = field(metadata={"help": "A dataset from `python -m training.prepare_data`."})
+    output_dir: str = field(metadata={"help": "Where results.json, results.md, roc.png and kshot.png go."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the probes and k-shot draws."})
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50], metadata={"help": "k of the k-shot probes (k lesions per class)."})
+    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"],
+                              metadata={"help": "The probe's training split, then the evaluated splits (plots: the last)."})
+    batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients)."})
+    num_workers: int = 0
+    probe_C: float = field(default=1.0, metadata={"help": "Inverse L2 strength of the logistic-regression probe."})
+    pauc_class: str | None = field(default=None,
+                                   metadata={"help": "Label name (or id) whose one-vs-rest pAUC is reported; default: class 1."})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda | ...; default: cuda if available."})
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
+    parser = HfArgumentParser(EvaluateArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if len(args.splits) < 2 or len(set(args.splits)) != len(args.splits):
+        raise ValueError(f"--splits needs the training split and at least one other, all distinct; got {args.splits}")
+    if not args.seeds:
+        raise ValueError("--seeds needs at least one seed")
+    if any(k < 1 for k in args.shots):
+        raise ValueError(f"--shots must be positive integers, got {args.shots}")
+    return args
+
+
+# ----- protocol (pure functions of the extracted features) -----
+
+def summarise(values: list[float]) -> dict:
+    """Mean ± sample std (ddof 1; 0 for one value) over the finite values; `n` counts them."""
+    finite = [v for v in values if math.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else (0.0 if finite else float("nan"))
+    return {"mean": mean, "std": std, "n": len(finite), "values": [float(v) for v in values]}
+
+
+def kshot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Row indices of k lesions of each class present in `labels`, drawn without replacement."""
+    rng = np.random.default_rng([seed, k])
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c in np.unique(labels)])
+
+
+def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str]) -> tuple[list[int], list[dict]]:
+    """The k that the training split can supply for every class, and a note for each skipped one."""
+    classes, counts = np.unique(labels, return_counts=True)
+    rarest = int(counts.argmin())
+    kept, skipped = [], []
+    for k in sorted(set(shots)):
+        if k <= counts[rarest]:
+            kept.append(k)
+        else:
+            skipped.append({"k": k, "reason": f"class '{label_names[classes[rarest]]}' has only {counts[rarest]} "
+                                              f"training lesions (k-shot needs k per class)"})
+    return kept, skipped
+
+
+def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
+                      label_names: list[str], seeds: list[int], shots: list[int], C: float = 1.0,
+                      positive_class: int = 1) -> tuple[dict, dict]:
+    """Full and k-shot probes and retrieval on extracted features.
+
+    Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
+    `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`
+    and `retrieval`; `curves` holds the first seed's full-probe scores of the last split for the ROC plot.
+    """
+    train = features[train_split]
+    num_classes = len(label_names)
+    kept, skipped = feasible_shots(train["labels"], shots, label_names)
+    draws = {(k, seed): kshot_indices(train["labels"], k, seed) for k in kept for seed in seeds}
+    raw = {"full": {}, "kshot": {}}  # (split, feature_set[, k]) -> metric -> values over seeds
+    curves = {"split": eval_splits[-1], "labels": features[eval_splits[-1]]["labels"], "scores": {}}
+    for feature_set in FEATURE_SETS:
+        train_x = probe_inputs(train, feature_set)
+        for seed in seeds:
+            runs = [("full", None, np.arange(len(train_x)))] + [("kshot", k, draws[k, seed]) for k in kept]
+            for kind, k, rows in runs:
+                probe = fit_probe(train_x[rows], train["labels"][rows], seed=seed, C=C)
+                for split in eval_splits:
+                    scores = probe.predict_proba(probe_inputs(features[split], feature_set))
+                    metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class)
+                    key = (split, feature_set) if kind == "full" else (split, feature_set, k)
+                    for name, value in metrics.items():
+                        raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
+                    if kind == "full" and seed == seeds[0] and split == curves["split"]:
+                        curves["scores"][feature_set] = (scores, [int(c) for c in probe.classes_])
+    results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "retrieval": {}}
+    for (split, feature_set), metrics in raw["full"].items():
+        results["linear_probe"].setdefault(split, {})[feature_set] = {m: summarise(v) for m, v in metrics.items()}
+    for (split, feature_set, k), metrics in raw["kshot"].items():
+        results["kshot"].setdefault(split, {}).setdefault(feature_set, {})[str(k)] = {m: summarise(v) for m, v in metrics.items()}
+    for split in eval_splits:
+        retrieval = retrieval_metrics(features[split], ks=RETRIEVAL_KS)
+        retrieval.update({f"chance_recall@{k}": min(1.0, k / len(features[split]["image"])) for k in RETRIEVAL_KS})
+        results["retrieval"][split] = retrieval
+    return results, curves
+
+
+# ----- report -----
+
+def _cell(summary: dict, digits: int = 3) -> str:
+    if summary["n"] == 0:
+        return "n/a"
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def _metric_cells(metrics: dict) -> str:
+    return " | ".join(_cell(metrics[m], 4 if m == "pauc_80tpr" else 3) for m in METRICS)
+
+
+def render_markdown(results: dict) -> str:
+    pauc = f"pAUC (TPR>80%, '{results['pauc_class']}' vs rest)"
+    lines = [f"# SLIMP evaluation: `{results['model_dir']}` on `{results['dataset_dir']}`", "",
+             f"Frozen features; logistic-regression probe trained on `{results['train_split']}`; "
+             f"mean ± std over {results['num_seeds']} seed(s) {results['seeds']}. Splits are patient-disjoint.", "",
+             "| split | patients | lesions | labels |", "|---|---|---|---|"]
+    for split, info in results["splits"].items():
+        counts = ", ".join(f"{name}: {n}" for name, n in info["labels"].items())
+        lines.append(f"| {split} | {info['patients']} | {info['lesions']} | {counts} |")
+    header = f"| features | AUROC | {pauc} | balanced acc. |\n|---|---|---|---|"
+    for split, by_set in results["linear_probe"].items():
+        lines += ["", f"## Linear probe, full training split -> `{split}`", "", header]
+        lines += [f"| {feature_set} | {_metric_cells(metrics)} |" for feature_set, metrics in by_set.items()]
+    for split, by_set in results["kshot"].items():
+        lines += ["", f"## k-shot probe (k lesions per class) -> `{split}`", "",
+                  f"| k | features | AUROC | {pauc} | balanced acc. |", "|---|---|---|---|---|"]
+        ks = sorted({int(k) for runs in by_set.values() for k in runs})
+        lines += [f"| {k} | {feature_set} | {_metric_cells(by_set[feature_set][str(k)])} |" for k in ks for feature_set in by_set]
+    if results["kshot_skipped"]:
+        lines += ["", "Skipped k-shot settings:"] + [f"- k = {s['k']}: {s['reason']}" for s in results["kshot_skipped"]]
+    for split, retrieval in results["retrieval"].items():
+        lines += ["", f"## Retrieval on `{split}` (recall@k, one positive among all lesions of the split)", "",
+                  "| direction | " + " | ".join(f"R@{k}" for k in RETRIEVAL_KS) + " |", "|---|" + "---|" * len(RETRIEVAL_KS)]
+        for direction in ("image_to_metadata", "metadata_to_image", "chance"):
+            cells = " | ".join(f"{retrieval[f'{direction}_recall@{k}']:.3f}" for k in RETRIEVAL_KS)
+            lines.append(f"| {direction.replace('_', ' ')} | {cells} |")
+    lines += ["", "Plots: `roc.png` (full probe, first seed, last split), `kshot.png` (AUROC vs k, error bars = std)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_roc(curves: dict, label_names: list[str], positive_class: int, path: Path) -> None:
+    """ROC of the full probe per feature set (class `positive_class` vs rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = (curves["labels"] == positive_class).astype(int)
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    for feature_set, (scores, classes) in curves["scores"].items():
+        if positive_class in classes and 0 < y.sum() < len(y):
+            score = scores[:, classes.index(positive_class)]
+            fpr, tpr, _ = roc_curve(y, score)
+            axis.plot(fpr, tpr, label=f"{feature_set} (AUC {roc_auc_score(y, score):.3f})")
+    axis.plot([0, 1], [0, 1], "k:", linewidth=1)
+    axis.axhline(0.8, color="grey", linewidth=0.8, linestyle="--")  # the pAUC region lies above TPR 0.8
+    axis.set(xlabel="false positive rate", ylabel="true positive rate",
+             title=f"{label_names[positive_class]} vs rest, {curves['split']}")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_kshot(results: dict, path: Path) -> None:
+    """AUROC vs k per feature set (error bars: std over seeds), full-probe AUROC dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = results["eval_splits"][-1]
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for index, feature_set in enumerate(FEATURE_SETS):
+        color = f"C{index}"
+        runs = results["kshot"].get(split, {}).get(feature_set, {})
+        ks = sorted(int(k) for k in runs)
+        if ks:
+            axis.errorbar(ks, [runs[str(k)]["auroc"]["mean"] for k in ks], yerr=[runs[str(k)]["auroc"]["std"] for k in ks],
+                          marker="o", capsize=3, color=color, label=feature_set)
+        full = results["linear_probe"][split][feature_set]["auroc"]
+        if full["n"]:
+            axis.axhline(full["mean"], color=color, linestyle="--", linewidth=1, label=f"{feature_set}, full")
+    if not results["kshot"].get(split):
+        axis.text(0.5, 0.5, "no k fits the training split", ha="center", transform=axis.transAxes)
+    axis.set_xscale("log")
+    all_ks = sorted({int(k) for runs in results["kshot"].get(split, {}).values() for k in runs})
+    if all_ks:
+        axis.set_xticks(all_ks, [str(k) for k in all_ks])
+        axis.minorticks_off()
+    axis.set(xlabel="k (lesions per class)", ylabel="AUROC", title=f"k-shot linear probe, {split}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _jsonable(value):
+    """NaN -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(results: dict, curves: dict, label_names: list[str], positive_class: int, output_dir: str) -> Path:
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (output / "results.md").write_text(render_markdown(results))
+    plot_roc(curves, label_names, positive_class, output / "roc.png")
+    plot_kshot(results, output / "kshot.png")
+    return output
+
+
+# ----- script -----
+
+def resolve_class(name: str | None, label_names: list[str]) -> int:
+    """`--pauc_class` (label name or id; None: class 1) -> class id."""
+    if name is None:
+        return 1
+    if name in label_names:
+        return label_names.index(name)
+    if name.isdigit() and int(name) < len(label_names):
+        return int(name)
+    raise ValueError(f"--pauc_class must be one of {label_names} or an id below {len(label_names)}, got '{name}'")
+
+
+def split_info(dataset, label_names: list[str]) -> dict:
+    labels = np.asarray(dataset["label"])
+    return {"patients": len(set(dataset["patient_id"])), "lesions": len(dataset),
+            "labels": {name: int((labels == c).sum()) for c, name in enumerate(label_names)}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()
+    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
+    features, splits, label_names = {}, {}, None
+    for split in args.splits:
+        dataset, _ = load_slimp_dataset(args.dataset_dir, split)
+        label_names = label_names or list(dataset.features["label"].names)
+        logger.info("extracting features of %s (%d lesions)", split, len(dataset))
+        features[split] = extract_features(model, collator, dataset, batch_size=args.batch_size,
+                                           num_workers=args.num_workers, device=device)
+        splits[split] = split_info(dataset, label_names)
+    positive_class = resolve_class(args.pauc_class, label_names)
+    results, curves = evaluate_features(features, args.splits[0], args.splits[1:], label_names, args.seeds,
+                                        args.shots, args.probe_C, positive_class)
+    for note in results["kshot_skipped"]:
+        logger.warning("k-shot k = %d skipped: %s", note["k"], note["reason"])
+    results = {"model_dir": args.model_dir, "dataset_dir": args.dataset_dir, "train_split": args.splits[0],
+               "eval_splits": args.splits[1:], "label_names": label_names, "pauc_class": label_names[positive_class],
+               "seeds": list(args.seeds), "num_seeds": len(args.seeds), "shots": list(args.shots), "splits": splits,
+               **results, "args": asdict(args)}
+    output = write_report(results, curves, label_names, positive_class, args.output_dir)
+    logger.info("wrote %s", output / "results.md")
+    return results
+
+
+if __name__ == "__main__":
+    print(Path(main()["args"]["output_dir"], "results.md").read_text())
