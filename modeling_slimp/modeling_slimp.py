@@ -80,7 +80,9 @@ def pool_by_patient(values: torch.Tensor, patient_index: torch.Tensor, num_patie
     weights (N,) must already sum to 1 within each patient; without them the plain mean is taken.
     """
     if weights is None:
-        counts = torch.bincount(patient_index, minlength=num_patients).clamp(min=1).to(values.dtype)  # (P,)
+        # Counts by index_add, not bincount: CUDA bincount reads the index min/max back to the host (a sync).
+        ones = torch.ones(patient_index.shape[0], device=values.device)  # float32: exact counts to 2**24
+        counts = ones.new_zeros(num_patients).index_add_(0, patient_index, ones).clamp(min=1).to(values.dtype)  # (P,)
         weights = 1.0 / counts[patient_index]
     pooled = values.new_zeros((num_patients, values.shape[-1]))
     return pooled.index_add(0, patient_index, values * weights.unsqueeze(-1).to(values.dtype))
@@ -168,6 +170,13 @@ class SLIMPModel(SLIMPPreTrainedModel):
         self.vision_model = AutoModel.from_config(config.vision_config)
         if uses_cls_token(config.vision_config) and getattr(self.vision_model, "pooler", None) is not None:
             self.vision_model.pooler = None  # the feature is the final-norm [CLS]; an unused pooler breaks DDP
+        embeddings = getattr(self.vision_model, "embeddings", None)
+        if isinstance(getattr(embeddings, "mask_token", None), nn.Parameter):
+            # Masked-image modelling only (DINOv2 has one): a parameter that never gets a gradient breaks DDP.
+            # A buffer of the same name keeps the checkpoint key (exports, vision checkpoints) and trains nothing.
+            mask_token = embeddings.mask_token.data
+            del embeddings.mask_token
+            embeddings.register_buffer("mask_token", mask_token)
         self.lesion_metadata_model = SLIMPMetadataEncoder(config.lesion_metadata_config)
         self.patient_metadata_model = SLIMPMetadataEncoder(config.patient_metadata_config)
         dim = config.projection_dim

@@ -149,6 +149,11 @@ class SLIMPProcessor:
         """Raw rows (DataFrame, dict of lists, list of dicts) -> the metadata tensors and patient_index."""
         columns = _columns(metadata)
         num_rows = len(next(iter(columns.values()))) if columns else 0
+        features = self.config.lesion_metadata_config.feature_names + self.config.patient_metadata_config.feature_names
+        absent = [f for f in features if f not in columns and f not in self._warned_absent]
+        if absent:
+            self._warned_absent.update(absent)
+            logger.warning("metadata has no column(s) %s: treated as missing.", ", ".join(absent))
         patient_keys = self._patient_keys(columns, num_rows)
         first_row: dict[Any, int] = {}
         for row, key in enumerate(patient_keys):
@@ -169,7 +174,9 @@ class SLIMPProcessor:
 
     def _patient_keys(self, columns: dict[str, list], num_rows: int) -> list:
         if PATIENT_COLUMN not in columns:
-            self._warn_absent(PATIENT_COLUMN, "every lesion is treated as its own patient")
+            if PATIENT_COLUMN not in self._warned_absent:
+                self._warned_absent.add(PATIENT_COLUMN)
+                logger.warning("metadata has no column '%s': every lesion is treated as its own patient.", PATIENT_COLUMN)
             return [("row", row) for row in range(num_rows)]
         keys = columns[PATIENT_COLUMN]
         for row, key in enumerate(keys):
@@ -181,13 +188,11 @@ class SLIMPProcessor:
         numerical = torch.full((num_rows, config.num_numerical), float("nan"))
         for j, feature in enumerate(config.numerical_features):
             if feature not in columns:
-                self._warn_absent(feature, "treated as missing")
                 continue
             numerical[:, j] = torch.tensor([self._number(feature, value) for value in columns[feature]], dtype=torch.float32)
         categorical = torch.zeros((num_rows, config.num_categorical), dtype=torch.long)
         for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
             if feature not in columns:
-                self._warn_absent(feature, "treated as missing")
                 continue
             ids = {category: index + 1 for index, category in enumerate(vocabulary)}
             for row, value in enumerate(columns[feature]):
@@ -208,11 +213,6 @@ class SLIMPProcessor:
             self.invalid_numbers[(feature, str(value))] += 1
             return float("nan")
         return number if math.isfinite(number) else float("nan")
-
-    def _warn_absent(self, column: str, consequence: str) -> None:
-        if column not in self._warned_absent:
-            self._warned_absent.add(column)
-            logger.warning("metadata has no column '%s': %s.", column, consequence)
 
     # ----- schema fitting -----
     @staticmethod

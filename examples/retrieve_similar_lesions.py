@@ -1,0 +1,74 @@
+"""Find the lesions most similar to a query lesion, by image embedding and by image + metadata.
+
+    python examples/retrieve_similar_lesions.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
+        --index_split train --query_split test --query_index 0 --k 5
+
+Builds an embedding index of `--index_split` with `training.features.extract_features` (whole patients per
+batch), embeds the query lesion (row `--query_index` of `--query_split`, or `--query_image_id`) with its
+patient's other lesions, and ranks the index by cosine similarity of
+- the image embedding, and
+- the lesion representation SLIMP pre-trains on: image + lesion-metadata embeddings concatenated (the
+  cosine of two such vectors is the mean of the two cosines).
+Only image ids, labels and similarities are printed (no patient ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
+from training.collate import SLIMPCollator  # noqa: E402
+from training.data import load_slimp_dataset  # noqa: E402
+from training.features import extract_features  # noqa: E402
+
+
+def lesion_vectors(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unit vectors to compare: the image embedding, and [image, lesion metadata] / sqrt(2)."""
+    both = np.concatenate([features["image"], features["lesion_metadata"]], axis=1) / np.sqrt(2)
+    return {"image": features["image"], "image+metadata": both}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_dir", required=True, help="a SLIMP checkpoint folder (encoder or classifier)")
+    parser.add_argument("--dataset_dir", required=True, help="a dataset from `python -m training.prepare_data`")
+    parser.add_argument("--index_split", default="train")
+    parser.add_argument("--query_split", default="test")
+    parser.add_argument("--query_index", type=int, default=0, help="row of the query lesion in --query_split")
+    parser.add_argument("--query_image_id", help="the query lesion's image_id (instead of --query_index)")
+    parser.add_argument("--k", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    model = SLIMPModel.from_pretrained(args.model_dir).eval()
+    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
+    index, schema = load_slimp_dataset(args.dataset_dir, args.index_split)
+    label_names = schema["label"]["names"]
+    index_vectors = lesion_vectors(extract_features(model, collator, index))
+
+    queries, _ = load_slimp_dataset(args.dataset_dir, args.query_split)
+    row = queries["image_id"].index(args.query_image_id) if args.query_image_id else args.query_index
+    query = queries[row]
+    # The query's patient comes along: patient-level inputs are read from the patient's rows.
+    patient = queries.filter(lambda patient_id: patient_id == query["patient_id"], input_columns="patient_id")
+    position = patient["image_id"].index(query["image_id"])
+    query_vectors = lesion_vectors(extract_features(model, collator, patient))
+    print(f"query {query['image_id']} ({label_names[query['label']]}), index: {len(index)} lesions of {args.index_split}")
+
+    for name, vectors in index_vectors.items():
+        similarity = vectors @ query_vectors[name][position]  # (N,) cosine: every vector has unit norm
+        if args.query_split == args.index_split:
+            similarity[index["image_id"].index(query["image_id"])] = -np.inf  # not the query itself
+        print(f"top {args.k} by {name}:")
+        for rank, i in enumerate(np.argsort(-similarity, kind="stable")[: args.k], start=1):
+            hit = index[int(i)]
+            print(f"  {rank}. {hit['image_id']}  {label_names[hit['label']]:<10} cosine {similarity[i]:+.3f}")
+
+
+if __name__ == "__main__":
+    main()

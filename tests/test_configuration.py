@@ -1,0 +1,111 @@
+"""SLIMPConfig / SLIMPMetadataConfig: validation, round trips, the release architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, Dinov2Config, ResNetConfig, ViTConfig
+
+from conftest import tiny_config
+from modeling_slimp import SLIMPConfig, SLIMPMetadataConfig, SLIMPModel
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: tiny_config(patient_aggregation="max"), "patient_aggregation"),
+        (lambda: tiny_config(classifier_features="image+patient"), "classifier_features"),
+        (lambda: tiny_config(lesion_loss_weight=1.5), "lesion_loss_weight"),
+        (lambda: tiny_config(image_ssl_weight=-0.1), "image_ssl_weight"),
+        (lambda: tiny_config(vision_config={"image_size": 30, "patch_size": 6}), "model_type"),
+        (lambda: tiny_config(class_weights=[1.0, 2.0]), "class_weights"),
+        (lambda: SLIMPMetadataConfig(numerical_features=["a", "b"], numerical_mean=[0.0]), "numerical_mean"),
+        (lambda: SLIMPMetadataConfig(numerical_features=["a"], numerical_std=[1.0, 2.0]), "numerical_std"),
+        (lambda: SLIMPMetadataConfig(numerical_features=["a"], numerical_std=[0.0]), "numerical_std"),
+        (lambda: SLIMPMetadataConfig(hidden_size=30, num_attention_heads=4), "num_attention_heads"),
+        (lambda: SLIMPMetadataConfig(categorical_features={"sex": []}), "categorical_features"),
+        (lambda: SLIMPMetadataConfig(numerical_features=["age"], categorical_features={"age": ["x"]}), "age"),
+        (lambda: SLIMPMetadataConfig(feature_dropout=1.0), "feature_dropout"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_allowed_values_are_listed_in_the_error():
+    with pytest.raises(ValueError, match="'mean', 'attention'"):
+        tiny_config(patient_aggregation="median")
+    with pytest.raises(ValueError, match="image\\+lesion\\+patient"):
+        tiny_config(classifier_features="all")
+
+
+def test_vision_config_from_dict_with_model_type():
+    config = tiny_config(vision_config={"model_type": "dinov2", "image_size": 30, "patch_size": 6, "hidden_size": 32,
+                                        "num_hidden_layers": 1, "num_attention_heads": 4})
+    assert isinstance(config.vision_config, Dinov2Config)
+    assert (config.vision_config.image_size, config.vision_config.hidden_size) == (30, 32)
+
+
+def test_metadata_defaults_and_properties():
+    config = SLIMPMetadataConfig(numerical_features=["a", "b"], categorical_features={"c": ["x", "y"]}, hidden_size=24,
+                                 num_attention_heads=3)
+    assert config.numerical_mean == [0.0, 0.0] and config.numerical_std == [1.0, 1.0]
+    assert config.intermediate_size == 48
+    assert config.feature_names == ["a", "b", "c"]
+    assert (config.num_numerical, config.num_categorical) == (2, 1)
+
+
+def _comparable(config) -> dict:
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    return data
+
+
+def test_to_dict_from_dict_round_trip():
+    config = tiny_config(patient_aggregation="attention", lesion_loss_weight=0.3, class_weights=[1.0, 5.0, 2.0],
+                         vision_config=ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    data = config.to_dict()
+    json.dumps(data)  # serialisable
+    restored = SLIMPConfig.from_dict(data)
+    assert _comparable(restored) == _comparable(config)
+    assert isinstance(restored.vision_config, ResNetConfig)
+    assert isinstance(restored.lesion_metadata_config, SLIMPMetadataConfig)
+    assert restored.lesion_metadata_config.categorical_features == config.lesion_metadata_config.categorical_features
+    assert restored.patient_aggregation == "attention" and restored.class_weights == [1.0, 5.0, 2.0]
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    config = tiny_config(patient_aggregation="attention", classifier_features="image+lesion", projection_dim=20)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "slimp"
+    assert saved["lesion_metadata_config"]["numerical_mean"] == [4.0, 9.0, 50.0]
+    restored = SLIMPConfig.from_pretrained(tmp_path)
+    assert _comparable(restored) == _comparable(config)
+    assert restored.id2label == {0: "nevus", 1: "melanoma", 2: "bcc"}
+    assert restored.label2id == {"nevus": 0, "melanoma": 1, "bcc": 2}
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SLIMPConfig)  # registered on import
+
+
+def test_default_config_is_the_release_architecture():
+    config = SLIMPConfig()
+    vision = config.vision_config
+    assert isinstance(vision, ViTConfig)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (224, 16, 384)
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size) == (12, 6, 1536)
+    assert "clin_size_long_diam_mm" in config.lesion_metadata_config.numerical_features
+    assert config.lesion_metadata_config.num_numerical == 33
+    assert "anatom_site_general" in config.lesion_metadata_config.categorical_features
+    assert config.patient_metadata_config.numerical_features == ["age_approx"]
+    assert config.patient_metadata_config.categorical_features == {"sex": ["female", "male"]}
+    leaking = {"target", "mel_thick_mm", "mel_mitotic_index", "lesion_id"}
+    assert not leaking & set(config.lesion_metadata_config.feature_names + config.patient_metadata_config.feature_names)
+    assert (config.lesion_loss_weight, config.patient_aggregation, config.image_ssl_weight) == (0.5, "mean", 0.0)
+
+    with torch.device("meta"):  # no allocation
+        model = SLIMPModel(config)
+    vision_params = sum(p.numel() for p in model.vision_model.parameters())
+    assert 21.0e6 < vision_params < 22.5e6, vision_params  # ViT-S/16: ~21.7M without the unused pooler

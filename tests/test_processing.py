@@ -1,0 +1,217 @@
+"""SLIMPProcessor: raw rows + PIL images -> model inputs; schema fitting; persistence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import IMAGE_SIZE, tiny_config
+from modeling_slimp import SLIMPMetadataConfig, SLIMPModel, SLIMPProcessor
+
+# Patients B, A, C interleaved. B's age is missing on its first row; A's sex disagrees between its rows.
+ROWS = [
+    {"patient_id": "B", "clin_size_long_diam_mm": 3.5, "tbp_lv_areaMM2": 7.0, "tbp_lv_H": 40.0,
+     "anatom_site_general": "head/neck", "tbp_tile_type": "3D: XP", "age_approx": None, "num_moles": 12, "sex": "male"},
+    {"patient_id": "A", "clin_size_long_diam_mm": None, "tbp_lv_areaMM2": 2.0, "tbp_lv_H": 55.5,
+     "anatom_site_general": "posterior torso", "tbp_tile_type": "3D: white", "age_approx": 60, "num_moles": 3, "sex": "female"},
+    {"patient_id": "B", "clin_size_long_diam_mm": 8.0, "tbp_lv_areaMM2": 30.0, "tbp_lv_H": 47.0,
+     "anatom_site_general": None, "tbp_tile_type": "3D: XP", "age_approx": 45, "num_moles": 12, "sex": "male"},
+    {"patient_id": "C", "clin_size_long_diam_mm": 1.0, "tbp_lv_areaMM2": 1.5, "tbp_lv_H": 50.0,
+     "anatom_site_general": "lower extremity", "tbp_tile_type": None, "age_approx": 30, "num_moles": None, "sex": None},
+    {"patient_id": "A", "clin_size_long_diam_mm": 4.4, "tbp_lv_areaMM2": 9.9, "tbp_lv_H": 41.0,
+     "anatom_site_general": "upper extremity", "tbp_tile_type": "3D: white", "age_approx": 61, "num_moles": 3, "sex": "male"},
+]
+NAN = float("nan")
+
+
+def processor() -> SLIMPProcessor:
+    return SLIMPProcessor(config=tiny_config())
+
+
+def rgb_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (33 + 2 * i, 47, 3), dtype=np.uint8)) for i in range(count)]
+
+
+def assert_batches_equal(a, b) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], equal_nan=True, rtol=0, atol=0, msg=key)
+
+
+def test_list_of_dicts_dataframe_and_dict_of_lists_give_the_same_batch():
+    images = rgb_images(len(ROWS))
+    from_rows = processor()(images=images, metadata=ROWS)
+    from_frame = processor()(images=images, metadata=pd.DataFrame(ROWS))
+    from_columns = processor()(images=images, metadata={key: [row[key] for row in ROWS] for key in ROWS[0]})
+    assert_batches_equal(from_rows, from_frame)
+    assert_batches_equal(from_rows, from_columns)
+    assert set(from_rows) == {"pixel_values", "lesion_numerical_values", "lesion_categorical_ids",
+                              "patient_numerical_values", "patient_categorical_ids", "patient_index"}
+
+
+def test_grouping_by_patient_and_values():
+    batch = processor()(metadata=ROWS)
+    assert batch["patient_index"].tolist() == [0, 1, 0, 2, 1]  # B, A, C in order of first appearance
+    assert batch["patient_index"].dtype == torch.long
+    torch.testing.assert_close(
+        batch["lesion_numerical_values"],
+        torch.tensor([[3.5, 7.0, 40.0], [NAN, 2.0, 55.5], [8.0, 30.0, 47.0], [1.0, 1.5, 50.0], [4.4, 9.9, 41.0]]),
+        equal_nan=True,
+    )
+    # anatom_site_general: head/neck=1, upper=2, lower=3, posterior torso=4; tbp_tile_type: white=1, XP=2
+    assert batch["lesion_categorical_ids"].tolist() == [[1, 2], [4, 1], [0, 2], [3, 0], [2, 1]]
+    # Patient values: the first non-missing value among the patient's rows (B's age from its second row).
+    torch.testing.assert_close(batch["patient_numerical_values"], torch.tensor([[45.0, 12.0], [60.0, 3.0], [30.0, NAN]]),
+                               equal_nan=True)
+    assert batch["patient_categorical_ids"].tolist() == [[2], [1], [0]]  # B male, A female (first row), C missing
+
+
+def test_image_modes_and_sizes_become_rgb_batches():
+    rng = np.random.default_rng(1)
+    gray = Image.fromarray(rng.integers(0, 256, (31, 29), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 256, (64, 20, 4), dtype=np.uint8), mode="RGBA")
+    deep = Image.fromarray((np.arange(23 * 17, dtype=np.uint16).reshape(23, 17) * 150).astype(np.uint16))
+    palette = rgb_images(1)[0].convert("P")
+    assert deep.mode == "I;16"
+    pixel_values = processor()(images=[gray, rgba, deep, palette])["pixel_values"]
+    assert pixel_values.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and pixel_values.dtype == torch.float32
+    assert torch.isfinite(pixel_values).all()
+    torch.testing.assert_close(pixel_values[0, 0], pixel_values[0, 1])  # grayscale: equal channels
+    deep_values = pixel_values[2, 0]
+    assert deep_values.max() - deep_values.min() > 1.0  # 16-bit range rescaled, not clipped to white
+    assert deep_values[0, 0] < deep_values[-1, -1]  # the gradient survives
+
+
+def test_single_image_without_list():
+    batch = processor()(images=rgb_images(1)[0])
+    assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_unknown_categories_and_unparseable_numbers_are_missing_and_counted():
+    rows = [dict(ROWS[0]), dict(ROWS[1]), dict(ROWS[2])]
+    rows[0]["anatom_site_general"] = "elbow"
+    rows[1]["anatom_site_general"] = "elbow"
+    rows[2]["sex"] = "other"
+    rows[0]["clin_size_long_diam_mm"] = "abc"
+    rows[1]["tbp_lv_areaMM2"] = "5.5"  # a number as a string is fine
+    rows[2]["tbp_lv_H"] = ""  # an empty string is missing, not invalid
+    proc = processor()
+    batch = proc(metadata=rows)
+    assert batch["lesion_categorical_ids"][:2, 0].tolist() == [0, 0]
+    assert proc.unknown_categories == {("anatom_site_general", "elbow"): 2}  # patient B's "other" is not read:
+    assert batch["patient_categorical_ids"].tolist() == [[2], [1]]  # B's first row says male
+    assert math.isnan(batch["lesion_numerical_values"][0, 0])
+    assert batch["lesion_numerical_values"][1, 1].item() == pytest.approx(5.5)
+    assert math.isnan(batch["lesion_numerical_values"][2, 2])
+    assert proc.invalid_numbers == {("clin_size_long_diam_mm", "abc"): 1}
+    rows[0]["sex"] = "other"
+    proc(metadata=rows)
+    assert proc.unknown_categories[("sex", "other")] == 1
+
+
+def test_numeric_categories_match_whatever_their_type():
+    config = tiny_config(patient_metadata_config=SLIMPMetadataConfig(categorical_features={"fitspatrick": ["1", "2", "3"]},
+                                                                     hidden_size=8, num_attention_heads=2))
+    proc = SLIMPProcessor(config=config)
+    rows = [{"patient_id": "p", "fitspatrick": 2.0}, {"patient_id": "q", "fitspatrick": "3"}, {"patient_id": "r", "fitspatrick": 1}]
+    assert proc(metadata=rows)["patient_categorical_ids"].tolist() == [[2], [3], [1]]
+
+
+def test_missing_patient_id_raises_naming_the_row():
+    rows = [dict(row) for row in ROWS]
+    rows[3]["patient_id"] = None
+    with pytest.raises(ValueError, match="row 3.*patient_id"):
+        processor()(metadata=rows)
+
+
+def test_without_patient_id_column_each_row_is_its_own_patient():
+    rows = [{k: v for k, v in row.items() if k != "patient_id"} for row in ROWS]
+    batch = processor()(metadata=rows)
+    assert batch["patient_index"].tolist() == [0, 1, 2, 3, 4]
+    assert batch["patient_numerical_values"].shape == (5, 2)
+
+
+def test_metadata_none_gives_pixel_values_only():
+    batch = processor()(images=rgb_images(2), metadata=None)
+    assert set(batch) == {"pixel_values"}
+    model = SLIMPModel(tiny_config()).eval()
+    assert model(**batch).image_embeds.shape == (2, 12)
+
+
+def test_image_and_row_count_mismatch_raises():
+    with pytest.raises(ValueError, match="3 images but 5 metadata rows"):
+        processor()(images=rgb_images(3), metadata=ROWS)
+
+
+def test_fit_metadata_schema_on_a_dataframe():
+    frame = pd.DataFrame(ROWS + [
+        {"patient_id": "D", "clin_size_long_diam_mm": 2.0, "tbp_lv_areaMM2": 3.0, "anatom_site_general": "head/neck",
+         "age_approx": 80, "sex": "female"},
+        {"patient_id": "D", "clin_size_long_diam_mm": 6.0, "tbp_lv_areaMM2": 3.0, "anatom_site_general": "head/neck",
+         "age_approx": 80, "sex": "female"},
+    ])
+    lesion, patient = SLIMPProcessor.fit_metadata_schema(
+        frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_areaMM2"], lesion_categorical=["anatom_site_general"],
+        patient_numerical=["age_approx"], patient_categorical=["sex"],
+        lesion_tower={"hidden_size": 24, "num_attention_heads": 3},
+    )
+    for feature, mean, std in zip(lesion.numerical_features, lesion.numerical_mean, lesion.numerical_std):
+        assert mean == pytest.approx(frame[feature].mean())
+        assert std == pytest.approx(frame[feature].std(ddof=0))
+    # head/neck x3, then lower extremity / posterior torso / upper extremity x1 (ties alphabetical)
+    assert lesion.categorical_features == {
+        "anatom_site_general": ["head/neck", "lower extremity", "posterior torso", "upper extremity"]
+    }
+    # Patient statistics: one value per patient (B 45, A 60, C 30, D 80), not one per lesion.
+    per_patient = frame.groupby("patient_id", sort=False)["age_approx"].first()
+    assert len(per_patient) == 4
+    assert patient.numerical_mean == [pytest.approx(per_patient.mean())]
+    assert patient.numerical_std == [pytest.approx(per_patient.std(ddof=0))]
+    assert patient.numerical_mean[0] != pytest.approx(frame["age_approx"].mean())
+    assert patient.categorical_features == {"sex": ["female", "male"]}  # A, D female; B male (C missing)
+    assert (lesion.hidden_size, lesion.num_attention_heads) == (24, 3)
+
+    rare_dropped, _ = SLIMPProcessor.fit_metadata_schema(frame, lesion_categorical=["anatom_site_general"], min_category_count=2)
+    assert rare_dropped.categorical_features == {"anatom_site_general": ["head/neck"]}
+    with pytest.raises(ValueError, match="tbp_lv_z"):
+        SLIMPProcessor.fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"])
+
+
+def test_save_and_load_alone(tmp_path):
+    proc = processor()
+    proc.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"preprocessor_config.json", "config.json"}
+    loaded = SLIMPProcessor.from_pretrained(tmp_path)
+    assert loaded.config.lesion_metadata_config.to_dict() == proc.config.lesion_metadata_config.to_dict()
+    assert loaded.config.patient_metadata_config.to_dict() == proc.config.patient_metadata_config.to_dict()
+    images = rgb_images(len(ROWS))
+    assert_batches_equal(loaded(images=images, metadata=ROWS), proc(images=images, metadata=ROWS))
+
+
+def test_save_next_to_a_model_keeps_its_config(tmp_path):
+    config = tiny_config()
+    model = SLIMPModel(config)
+    model.save_pretrained(tmp_path)
+    model_config = (tmp_path / "config.json").read_text()
+    proc = SLIMPProcessor(config=config)
+    proc.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == model_config
+    loaded = SLIMPProcessor.from_pretrained(tmp_path)
+    images = rgb_images(len(ROWS))
+    assert_batches_equal(loaded(images=images, metadata=ROWS), proc(images=images, metadata=ROWS))
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+
+
+def test_refuses_to_save_next_to_a_different_schema(tmp_path):
+    SLIMPModel(tiny_config()).save_pretrained(tmp_path)
+    other = tiny_config()
+    other.lesion_metadata_config.numerical_mean = [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="lesion_metadata_config"):
+        SLIMPProcessor(config=other).save_pretrained(tmp_path)
