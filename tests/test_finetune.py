@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from training.metrics import classification_metrics
 import torch
 from accelerate.utils import set_seed
 from peft import PeftModel
@@ -203,14 +205,14 @@ def test_lora_reaches_the_dinov2_attention_projections_too():
     assert any(name.startswith("slimp.patient_metadata_model.") for name in adapted)
 
 
-def test_classification_scores_binary_and_multiclass():
+def test_classification_metrics_binary_and_multiclass():
     labels = np.array([0, 0, 1, 1, 0, 1])
     logits = np.array([[2.0, 0.0], [0.5, 0.4], [0.0, 1.0], [1.0, 0.2], [0.0, 3.0], [0.0, 2.0]])
-    scores = finetune.classification_scores(labels, logits)
+    scores = classification_metrics(labels, logits)
     assert scores["auroc"] == pytest.approx(roc_auc_score(labels, logits[:, 1] - logits[:, 0]))
     assert scores["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert 0 <= scores["pauc_80tpr"] <= 0.2
-    three = finetune.classification_scores(np.array([0, 1, 2, 1, 0, 2]), np.eye(3)[[0, 1, 2, 0, 0, 2]] * 3)
+    three = classification_metrics(np.array([0, 1, 2, 1, 0, 2]), np.eye(3)[[0, 1, 2, 0, 0, 2]] * 3)
     assert all(math.isfinite(v) for v in three.values()) and three["balanced_accuracy"] == pytest.approx(5 / 6)
 
 

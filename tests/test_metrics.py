@@ -114,9 +114,9 @@ def test_balanced_accuracy_and_classification_metrics():
     assert balanced_accuracy(y, [[2.0, 1.0], [2.0, 1.0], [0.0, 1.0], [0.0, 1.0]]) == pytest.approx(5 / 6)
     binary = classification_metrics([0, 1, 0, 1], [[0.0, -50.0], [0.0, 60.0], [0.0, 70.0], [0.0, 55.0]])
     # Ranked by logit difference, 55 < 60 < 70 stay apart although all softmax to 1.0 (AUROC 0.75).
-    assert binary == pytest.approx({"auroc": 0.5, "balanced_accuracy": 0.75, "pauc": 0.1})
+    assert binary == pytest.approx({"auroc": 0.5, "balanced_accuracy": 0.75, "pauc_80tpr": 0.1})
     multiclass = classification_metrics([0, 1, 2], np.eye(3))
-    assert multiclass == pytest.approx({"auroc": 1.0, "balanced_accuracy": 1.0})
+    assert multiclass == pytest.approx({"auroc": 1.0, "balanced_accuracy": 1.0, "pauc_80tpr": 0.2})  # class 1 vs rest
 
 
 def brute_force_recall(query: np.ndarray, gallery: np.ndarray, k: int) -> float:

@@ -69,7 +69,7 @@ from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProce
 from training.collate import SLIMPCollator  # noqa: E402
 from training.data import load_slimp_dataset  # noqa: E402
 from training.features import patient_batches  # noqa: E402
-from training.metrics import auroc, balanced_accuracy, isic2024_pauc  # noqa: E402
+from training.metrics import classification_metrics  # noqa: E402
 from training.pretrain import build_optimizer  # noqa: E402
 from training.reporting import save_release  # noqa: E402
 from training.sampler import PatientBatchSampler  # noqa: E402
@@ -263,23 +263,9 @@ def predict(model: nn.Module, collator: SLIMPCollator, dataset, batch_size: int 
     return np.concatenate(logits)[order], np.concatenate(labels)[order]
 
 
-def classification_scores(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """AUROC (macro one-vs-rest beyond 2 classes), ISIC 2024 pAUC above 80% TPR of class 1 vs the rest,
-    balanced accuracy."""
-    probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
-    # Binary: rank by the logit difference (softmax probabilities saturate to ties).
-    positive = logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else probabilities[:, 1]
-    positives = (labels == 1).astype(int)
-    return {
-        "auroc": auroc(labels, positive if logits.shape[1] == 2 else probabilities),
-        "pauc_80tpr": float(isic2024_pauc(positives, positive)) if 0 < positives.sum() < len(positives) else float("nan"),
-        "balanced_accuracy": balanced_accuracy(labels, logits),
-    }
-
-
 def evaluate_split(model: nn.Module, collator: SLIMPCollator, dataset, batch_size: int) -> dict[str, float]:
     logits, labels = predict(model, collator, dataset, batch_size)
-    return classification_scores(labels, logits)
+    return classification_metrics(labels, logits)
 
 
 # ----- training -----

@@ -89,29 +89,32 @@ def balanced_accuracy(y: ArrayLike, pred: ArrayLike) -> float:
 
 
 def classification_metrics(y: ArrayLike, logits: ArrayLike) -> dict[str, float]:
-    """AUROC, balanced accuracy and, for binary problems, the ISIC 2024 pAUC, from model logits.
+    """AUROC, the ISIC 2024 pAUC above 80% TPR and balanced accuracy, from model logits.
 
     Args:
         y: (N,) integer labels in [0, C).
         logits: (N, C) classifier logits (C >= 2), or (N, 1) single-logit binary.
 
     Returns:
-        ``{"auroc", "balanced_accuracy"}`` plus ``"pauc"`` when binary.
+        ``{"auroc", "pauc_80tpr", "balanced_accuracy"}``. AUROC is macro one-vs-rest beyond two classes;
+        pAUC is class 1 vs the rest (NaN when the split lacks either side).
     """
+    y = np.asarray(y)
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
     if logits.shape[1] == 1:  # single-logit binary classifier
         logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
-    metrics = {"balanced_accuracy": balanced_accuracy(y, logits)}
-    if logits.shape[1] == 2:
-        # Rank by the logit difference: softmax probabilities saturate to ties in float64.
-        score = logits[:, 1] - logits[:, 0]
-        metrics.update(auroc=auroc(y, score), pauc=isic2024_pauc(y, score))
-    else:
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        metrics["auroc"] = auroc(y, probs / probs.sum(axis=1, keepdims=True))
-    return metrics
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    # Binary: rank by the logit difference, since softmax probabilities saturate to ties in float64.
+    positive = logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else probs[:, 1]
+    is_positive = (y == 1).astype(int)
+    return {
+        "auroc": auroc(y, positive if logits.shape[1] == 2 else probs),
+        "pauc_80tpr": isic2024_pauc(is_positive, positive) if 0 < is_positive.sum() < len(y) else float("nan"),
+        "balanced_accuracy": balanced_accuracy(y, logits),
+    }
 
 
 def recall_at_k(
