@@ -81,7 +81,7 @@ class ModelArguments:
 @dataclass
 class TrainArguments:
     output_dir: str = "outputs/slimp-synthetic"
-    max_steps: int = field(default=600, metadata={"help": "Optimizer steps; <= 0 uses num_train_epochs."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps; <= 0 uses num_train_epochs."})
     num_train_epochs: float = 1.0
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
@@ -92,8 +92,8 @@ class TrainArguments:
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = 20
-    eval_steps: int = 200
-    save_steps: int = 200
+    eval_steps: int = 100
+    save_steps: int = 100
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest | a checkpoint folder"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps, keeping the max_steps schedule (time-boxed jobs)."})
