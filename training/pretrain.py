@@ -56,7 +56,7 @@ DEFAULT_DATASET = "data/synthetic"
 @dataclass
 class DataArguments:
     dataset_dir: str = field(default=DEFAULT_DATASET, metadata={"help": "A dataset from `python -m training.prepare_data`. The default is built (synthetic) if absent."})
-    synthetic_patients: int = field(default=300, metadata={"help": "Patients of the synthetic dataset built when dataset_dir is the default and absent."})
+    synthetic_patients: int = field(default=500, metadata={"help": "Patients of the synthetic dataset built when dataset_dir is the default and absent."})
     synthetic_seed: int = 0
     patients_per_batch: int = field(default=16, metadata={"help": "P: distinct patients per batch and process."})
     max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
@@ -83,7 +83,7 @@ class TrainArguments:
     output_dir: str = "outputs/slimp-synthetic"
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps; <= 0 uses num_train_epochs."})
     num_train_epochs: float = 1.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArgum
 def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
     """Build the synthetic dataset into the default folder when it is missing (main process first)."""
     if Path(data_args.dataset_dir).exists():
+        summary = Path(data_args.dataset_dir) / "summary.json"
+        if data_args.dataset_dir == DEFAULT_DATASET and summary.is_file():
+            patients = sum(split["patients"] for split in json.loads(summary.read_text())["splits"].values())
+            if patients != data_args.synthetic_patients:
+                logger.warning("%s (cached) holds %d patients, not --synthetic_patients %d: delete it to rebuild.",
+                               data_args.dataset_dir, patients, data_args.synthetic_patients, main_process_only=True)
         return
     if data_args.dataset_dir != DEFAULT_DATASET:
         raise FileNotFoundError(f"--dataset_dir {data_args.dataset_dir} does not exist; convert a dataset with `python -m training.prepare_data`.")
