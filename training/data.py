@@ -38,7 +38,8 @@ def load_slimp_dataset(path: Union[str, os.PathLike], split: str = "train", stre
                        num_shards: Optional[int] = None
                        ) -> tuple[Union[datasets.Dataset, datasets.IterableDataset], dict]:
     """One split and the schema. `streaming=True` gives an `IterableDataset` in `num_shards` shards
-    (default: one per Arrow file), which `DataLoader` workers can share."""
+    (default: one per Arrow file), which processes and `DataLoader` workers share; the shards of a
+    patient-contiguous split are cut at patient boundaries, so no patient spans two shards."""
     schema = read_schema(path)
     if Path(path).is_dir():
         split_dir = Path(path) / split
@@ -49,6 +50,37 @@ def load_slimp_dataset(path: Union[str, os.PathLike], split: str = "train", stre
     else:
         dataset = datasets.load_dataset(str(path), split=split)
     if streaming:
-        shards = num_shards or max(1, len(dataset.cache_files))
-        dataset = dataset.to_iterable_dataset(num_shards=min(shards, len(dataset)))  # 0 for an empty split
+        shards = min(num_shards or max(1, len(dataset.cache_files)), len(dataset))  # 0 for an empty split
+        dataset = _patient_sharded_stream(dataset, shards, schema.get("patient_column", "patient_id"))
     return dataset, schema
+
+
+def patient_shard_ranges(patient_ids: list, num_shards: int) -> list[tuple[int, int]]:
+    """Up to `num_shards` contiguous row ranges of about equal size, cut where the patient changes
+    (fewer only when there are fewer patients than shards)."""
+    if num_shards <= 0 or not patient_ids:
+        return []
+    starts = [i for i in range(1, len(patient_ids)) if patient_ids[i] != patient_ids[i - 1]]
+    cuts: list[int] = []
+    for k in range(1, num_shards):
+        target = k * len(patient_ids) / num_shards
+        later = [start for start in starts if start > (cuts[-1] if cuts else 0) and start >= target]
+        earlier = [start for start in starts if start > (cuts[-1] if cuts else 0)]
+        if not earlier:
+            break
+        cuts.append(later[0] if later else earlier[-1])
+    bounds = [0, *cuts, len(patient_ids)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _patient_sharded_stream(dataset: datasets.Dataset, num_shards: int, patient_column: str) -> datasets.IterableDataset:
+    # Rows are read undecoded and the image column decoded by the stream, as `to_iterable_dataset` does.
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    ranges = patient_shard_ranges(dataset[patient_column], num_shards) if num_shards else []
+
+    def rows(ranges: list[tuple[int, int]]):
+        for start, end in ranges:
+            yield from raw.select(range(start, end))
+
+    stream = datasets.IterableDataset.from_generator(rows, features=raw.features, gen_kwargs={"ranges": ranges})
+    return stream.cast_column("image", datasets.Image())

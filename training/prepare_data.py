@@ -396,7 +396,9 @@ def build_splits(table: pd.DataFrame, split_of_row: pd.Series, features: dataset
     label_names = features["label"].names
     splits, excluded = {}, []
     for name in SPLITS:
-        rows = table[split_of_row == name].reset_index(drop=True)
+        # Patient-contiguous rows (stable: source order within a patient), so that a stream of a split
+        # can be batched by whole patients (training/streaming.py).
+        rows = table[split_of_row == name].sort_values("patient_id", kind="stable").reset_index(drop=True)
         done = work / f"{name}.done.json"
         if done.is_file() and (work / name).is_dir():
             logger.info("%s: already built in %s, skipped", name, work / name)

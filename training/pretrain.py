@@ -47,6 +47,7 @@ from training.data import load_slimp_dataset  # noqa: E402
 from training.features import retrieval_metrics  # noqa: E402
 from training.reporting import probe_report, save_release  # noqa: E402
 from training.sampler import PatientBatchSampler  # noqa: E402
+from training.streaming import StreamingPatientBatches  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -62,6 +63,9 @@ class DataArguments:
     max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
     include_malignant: bool = field(default=False, metadata={"help": "Label-aware batches that always hold a patient's malignant lesions (off: pre-training is label-free)."})
     num_workers: int = field(default=1, metadata={"help": "DataLoader workers per process."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the train split (datasets IterableDataset, shards split by process) instead of sampling it; needs --max_steps."})
+    stream_shards: int = field(default=16, metadata={"help": "Shards of the train stream (a multiple of the processes)."})
+    schema_rows: int = field(default=50_000, metadata={"help": "With --streaming: rows of the stream the metadata schema is fitted on."})
 
 
 @dataclass
@@ -162,6 +166,39 @@ def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPM
     return model
 
 
+def schema_rows(train_split, schema: dict, data_args: DataArguments):
+    """What the metadata schema is fitted on: the train split, or the first rows of its stream."""
+    if not data_args.streaming:
+        return train_split
+    import pandas as pd
+
+    columns = ["patient_id"] + [c for level in ("lesion", "patient") for kind in ("numerical", "categorical") for c in schema[level][kind]]
+    return pd.DataFrame(list(train_split.select_columns(columns).take(data_args.schema_rows)))
+
+
+def build_loader(train_split, collator, data_args: DataArguments, args: "TrainArguments", accelerator: Accelerator):
+    """(sampler, loader, batches per epoch or None) for the train split: patient-batch sampling of the
+    map-style split, or patient-grouped batches of its stream."""
+    common = dict(patients_per_batch=data_args.patients_per_batch, max_lesions_per_patient=data_args.max_lesions_per_patient,
+                  seed=args.seed)
+    if data_args.streaming:
+        if args.max_steps <= 0:
+            raise ValueError("--streaming has no epoch length: give --max_steps.")
+        batches = StreamingPatientBatches(train_split, collator, rank=accelerator.process_index,
+                                          world_size=accelerator.num_processes, **common)
+        return batches, DataLoader(batches, batch_size=None, num_workers=min(1, data_args.num_workers)), None
+    sampler = PatientBatchSampler(train_split["patient_id"], labels=train_split["label"] if data_args.include_malignant else None,
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                  include_malignant=data_args.include_malignant, **common)
+    # The sampler shards by rank itself: the loader is not passed through accelerator.prepare. Its own
+    # generator: creating an iterator (each epoch, and on resume) must not consume the global RNG that
+    # feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
+    # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
+    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed))
+    return sampler, loader, len(sampler)
+
+
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms, biases, embeddings, [CLS] tokens and logit scales (1-D or scalar
     parameters, plus the feature tokenizers' per-feature tables)."""
@@ -208,9 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
     set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
-    train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train")
+    train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train", streaming=data_args.streaming,
+                                             num_shards=max(data_args.stream_shards, accelerator.num_processes))
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
-    model = build_model(model_args, schema, train_split)
+    model = build_model(model_args, schema, schema_rows(train_split, schema, data_args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     image_size = model.config.vision_config.image_size if hasattr(model.config.vision_config, "image_size") else 224
@@ -219,19 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_collator = SLIMPCollator(processor, train=True, two_views=two_views, seed=args.seed)
     eval_collator = SLIMPCollator(processor, train=False)
 
-    sampler = PatientBatchSampler(train_split["patient_id"], data_args.patients_per_batch, data_args.max_lesions_per_patient,
-                                  labels=train_split["label"] if data_args.include_malignant else None, seed=args.seed,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                                  include_malignant=data_args.include_malignant)
-    # The sampler shards by rank itself: the loader is not passed through accelerator.prepare.
-    # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
-    # Its own generator: creating an iterator (each epoch, and on resume) must not consume the global
-    # RNG that feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
-    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=train_collator, num_workers=data_args.num_workers,
-                        generator=torch.Generator().manual_seed(args.seed))
-    batches_per_epoch = len(sampler)
-    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    sampler, loader, batches_per_epoch = build_loader(train_split, train_collator, data_args, args, accelerator)
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * max(1, batches_per_epoch // args.gradient_accumulation_steps))
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 2), max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -245,8 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
         state = json.loads((resume / "trainer_state.json").read_text())
         logger.info("resumed from %s at step %d", resume, state["global_step"], main_process_only=True)
 
-    logger.info("%d lesions, %d batches/epoch/process, %d steps, %d processes", len(train_split), batches_per_epoch,
-                max_steps, accelerator.num_processes, main_process_only=True)
+    logger.info("%s lesions, %s batches/epoch/process, %d steps, %d processes",
+                "streamed" if data_args.streaming else len(train_split), batches_per_epoch or "endless", max_steps,
+                accelerator.num_processes, main_process_only=True)
     history = train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args, state, max_steps,
                          validation_split, eval_collator)
     accelerator.wait_for_everyone()
@@ -275,7 +304,8 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
     while state["global_step"] < stop_at:
         sampler.set_epoch(state["epoch"])
         sampler.set_start_batch(state["batches_in_epoch"])
-        loader.collate_fn.set_epoch(state["epoch"])
+        if hasattr(loader.collate_fn, "set_epoch"):  # streaming batches are collated (and epoched) upstream
+            loader.collate_fn.set_epoch(state["epoch"])
         for batch in loader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch.pop("labels", None)
