@@ -178,3 +178,17 @@ def test_config_file_shortcut(tmp_path):
     data_args, model_args, train_args = pretrain.parse_args([str(config)])
     assert (data_args.dataset_dir, train_args.max_steps) == ("some/data", 7)
     assert (model_args.patient_aggregation, model_args.lesion_loss_weight) == ("attention", 1.0)
+
+
+def test_tensorboard_logs_each_loss_term(dataset_dir, tmp_path):
+    out = tmp_path / "tb"
+    run(dataset_dir, out, "--max_steps", "2", "--save_steps", "0", "--report_to", "tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [p for p in out.rglob("events.out.tfevents.*")]
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lesion_loss", "train/patient_loss", "train/lesion_logit_scale",
+            "train/learning_rate", "train/lesions_per_second"} <= tags
