@@ -1,0 +1,421 @@
+"""Data pipeline speed: the ISIC 2024 converter, and the training loader next to the model it feeds.
+
+    python bench/data.py                                      # 20,000 images, the README numbers (3-10 min)
+    python bench/data.py --output bench/results/data.json
+    python bench/data.py --data_dir /tmp/slimp-bench --keep   # keep the synthetic layout; a rerun reuses it
+    python bench/data.py --quick                              # ~500 images: the smoke test's run
+
+What it measures:
+
+1. **Synthetic data**: time to write a synthetic ISIC 2024 Kaggle layout (`train-metadata.csv` +
+   `train-image.hdf5`, 128 px JPEGs) of `--images` images with `training.synthetic.write_kaggle_layout`.
+   Only a means to an end, but it dominates the run time, so it is reported.
+2. **Converter**: `python -m training.prepare_data isic2024 ...` run as a subprocess on the first 5,000
+   and on all 20,000 rows (`--sizes`): rows/s (wall, including the interpreter start, and per CPU
+   second) and the subprocess's own peak RSS (VmHWM, written by the child at exit), split into its
+   anonymous (heap) and file-backed (memory-mapped Arrow files) parts by sampling, beside the peak of
+   `--help` (imports only). The peak must not grow with the number of images (the converter streams
+   images a bounded batch at a time); the growth per 1000 rows is extrapolated to ISIC 2024's 401,059.
+3. **Loader vs model**: lesions/s of the training input pipeline (decode + augment + process, with
+   `SLIMPCollator(train=True)` and `PatientBatchSampler` at pretrain.py's defaults: 16 patients x up to 8
+   lesions) with `num_workers` 0 and 1, beside the training throughput of the tiny preset (forward +
+   backward + AdamW on already collated batches) and of the whole pretrain-style loop (1 worker feeding
+   the model). All alternate in rounds. Ratio loader lesions/s per worker / training lesions/s > 1: the
+   loader is not the bottleneck with pretrain.py's default of 1 worker.
+
+JSON goes to stdout (or `--output`), Markdown tables to stderr. The machines this was written on are
+shared: read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import REPO_ROOT, emit, environment, markdown_table  # noqa: E402
+
+ISIC2024_ROWS = 401059  # images of the real ISIC 2024 training set (SPEC section 4)
+
+
+@dataclass
+class DataBenchArguments:
+    images: int = field(default=20000, metadata={"help": "Synthetic images to generate (the largest converter size)."})
+    sizes: list[int] = field(default_factory=lambda: [5000, 20000], metadata={"help": "Converter runs: the first N rows of the layout."})
+    image_size: int = field(default=128, metadata={"help": "Synthetic image side in pixels (ISIC 2024 crops are ~130 px)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Work folder; default a temporary one, deleted at the end."})
+    keep: bool = field(default=False, metadata={"help": "Keep the synthetic layout in the work folder (a rerun with --data_dir and the same --images/--seed/--image_size reuses it)."})
+    seed: int = 0
+    model_size: str = field(default="tiny", metadata={"help": "Preset of the model whose training throughput the loader is compared with."})
+    vision_model_type: str = "vit"
+    patients_per_batch: int = field(default=16, metadata={"help": "pretrain.py's default."})
+    max_lesions_per_patient: int = field(default=8, metadata={"help": "pretrain.py's default."})
+    batches: int = field(default=6, metadata={"help": "Timed batches per contender per round."})
+    rounds: int = field(default=3, metadata={"help": "Alternating rounds of the loader/model comparison."})
+    threads: int = field(default=1, metadata={"help": "torch threads of the main process (0: torch's default); DataLoader workers use 1."})
+    quick: bool = field(default=False, metadata={"help": "~500 images, one round: the smoke test's run."})
+    output: str | None = field(default=None, metadata={"help": "Write the JSON here instead of stdout."})
+
+    def __post_init__(self):
+        if self.quick:
+            self.images, self.sizes = 500, [250, 500]
+            self.batches, self.rounds, self.patients_per_batch = 2, 1, 8
+        if max(self.sizes) > self.images:
+            raise ValueError(f"--sizes {self.sizes} exceed --images {self.images}")
+
+
+# ----- 1. synthetic layout -----
+def patients_for(images: int, seed: int) -> int:
+    """Fewest synthetic patients whose lesions number at least `images`."""
+    from training.synthetic import sample_patient
+
+    total, patients = 0, 0
+    while total < images:
+        total += sample_patient(seed, patients).num_lesions
+        patients += 1
+    return patients
+
+
+def synthetic_layout(args: DataBenchArguments, work: Path) -> dict:
+    """Write (or reuse) the Kaggle layout of at least `args.images` images; returns counts and timings."""
+    from training.synthetic import write_kaggle_layout
+
+    folder = work / "kaggle"
+    key = {"images": args.images, "seed": args.seed, "image_size": args.image_size}
+    record = folder / "bench.json"
+    if record.is_file() and json.loads(record.read_text()).get("key") == key:
+        return {**json.loads(record.read_text())["result"], "reused": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    patients = patients_for(args.images, args.seed)
+    wall, cpu = time.perf_counter(), time.process_time()
+    counts = write_kaggle_layout(folder, patients, seed=args.seed, image_size=args.image_size)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {"patients": patients, "lesions": counts["lesions"], "seconds": wall, "cpu_seconds": cpu,
+              "images_per_s": counts["lesions"] / wall, "hdf5_mib": Path(counts["image_hdf5"]).stat().st_size / 2**20,
+              "metadata_csv": counts["metadata_csv"], "image_hdf5": counts["image_hdf5"]}
+    record.write_text(json.dumps({"key": key, "result": result}))
+    return {**result, "reused": False}
+
+
+def subset_layout(layout: dict, rows: int, folder: Path) -> tuple[Path, Path]:
+    """The first `rows` rows of the layout as a layout of their own (CSV text and JPEG bytes unchanged)."""
+    import h5py
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.read_csv(layout["metadata_csv"], dtype=str, keep_default_na=False).iloc[:rows]
+    csv_path, hdf5_path = folder / "train-metadata.csv", folder / "train-image.hdf5"
+    frame.to_csv(csv_path, index=False)
+    with h5py.File(layout["image_hdf5"], "r") as source, h5py.File(hdf5_path, "w") as target:
+        for isic_id in frame["isic_id"]:
+            target.create_dataset(isic_id, data=source[isic_id][()])
+    return csv_path, hdf5_path
+
+
+# ----- 2. converter -----
+# Runs `python -m MODULE ARGS...` and, at exit, writes its own peak RSS (VmHWM: the peak of this process's
+# memory since exec) to a JSON file. `os.wait4`'s ru_maxrss would not do: Linux starts a child's maxrss
+# at the RSS of the process it was forked from (here the benchmark, with torch loaded).
+_PEAK_LAUNCHER = """
+import atexit, json, resource, runpy, sys
+output, module = sys.argv[1], sys.argv[2]
+def record():
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        peak, measure = int(fields["VmHWM"].split()[0]) / 1024, "VmHWM"
+    except OSError:
+        peak, measure = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
+    json.dump({"peak_rss_mib": peak, "measure": measure}, open(output, "w"))
+atexit.register(record)
+sys.argv = [module] + sys.argv[3:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_measured(module: str, args: list[str], log: Path) -> dict:
+    """Run `python -m module args...`: wall time, CPU time (`os.wait4`) and its own peak RSS.
+
+    On Linux a thread also samples the child's /proc status every 20 ms for the peaks of anonymous
+    memory (the heap: what the process really holds) and of file-backed memory (pages of memory-mapped
+    files, e.g. the Arrow files `datasets` maps, which the kernel can drop), both parts of the RSS.
+    """
+    import threading
+
+    peak_file = log.with_suffix(".peak.json")
+    sampled = {"RssAnon": 0.0, "RssFile": 0.0}
+    with open(log, "w") as sink:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-c", _PEAK_LAUNCHER, str(peak_file), module, *args], stdout=sink,
+                                   stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        done = threading.Event()
+
+        def sample() -> None:
+            status = Path(f"/proc/{process.pid}/status")
+            while not done.is_set():
+                try:
+                    for line in status.read_text().splitlines():
+                        key = line.split(":")[0]
+                        if key in sampled:
+                            sampled[key] = max(sampled[key], int(line.split()[1]) / 1024)
+                except (OSError, ValueError, IndexError):
+                    return
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} failed ({returncode}); log:\n{log.read_text()[-4000:]}")
+    peak = json.loads(peak_file.read_text())
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak["peak_rss_mib"],
+            "peak_measure": peak["measure"], "sampled_peak_anon_mib": sampled["RssAnon"] or None,
+            "sampled_peak_file_mib": sampled["RssFile"] or None}
+
+
+def converter_section(args: DataBenchArguments, layout: dict, work: Path) -> dict:
+    baseline = run_measured("training.prepare_data", ["--help"], work / "import.log")  # imports, parses, exits
+    runs = []
+    for rows in sorted(args.sizes):
+        csv_path, hdf5_path = subset_layout(layout, rows, work / f"subset-{rows}")
+        output = work / f"converted-{rows}"
+        measured = run_measured("training.prepare_data", ["isic2024", "--metadata", str(csv_path), "--images", str(hdf5_path),
+                                                          "--output-dir", str(output), "--overwrite", "--seed", str(args.seed)],
+                                work / f"convert-{rows}.log")
+        summary = json.loads((output / "summary.json").read_text())
+        written = sum(split["lesions"] for split in summary["splits"].values())
+        runs.append({"rows": rows, "rows_written": written, **measured, "rows_per_s": rows / measured["seconds"],
+                     "rows_per_cpu_s": rows / measured["cpu_seconds"],
+                     "peak_above_import_mib": measured["peak_rss_mib"] - baseline["peak_rss_mib"],
+                     "output_dir": str(output)})
+    small, large = runs[0], runs[-1]
+    result = {"import_only": baseline, "runs": runs,
+              "peak_ratio_largest_over_smallest": large["peak_rss_mib"] / small["peak_rss_mib"],
+              "peak_above_import_ratio": large["peak_above_import_mib"] / max(small["peak_above_import_mib"], 1e-9),
+              "rows_ratio": large["rows"] / small["rows"]}
+    if large["rows"] > small["rows"]:  # linear extrapolation to the real ISIC 2024 (401,059 rows)
+        for key, name in (("peak_rss_mib", "rss"), ("sampled_peak_anon_mib", "anon"), ("sampled_peak_file_mib", "file")):
+            if large[key] is not None and small[key] is not None:
+                per_row = (large[key] - small[key]) / (large["rows"] - small["rows"])
+                result[f"{name}_growth_kib_per_1000_rows"] = per_row * 1000 * 1024
+                result[f"{name}_extrapolated_mib_at_{ISIC2024_ROWS}_rows"] = large[key] + per_row * (ISIC2024_ROWS - large["rows"])
+    return result
+
+
+# ----- 3. loader vs model -----
+class Contender:
+    """Produces `batches` batches per call and returns (lesions, wall s, CPU s of this process)."""
+
+    def __call__(self, batches: int) -> tuple[int, float, float]:
+        raise NotImplementedError
+
+
+class LoaderContender(Contender):
+    """A fresh DataLoader iterator per call (a new epoch); the first batch (worker start) is not timed."""
+
+    def __init__(self, dataset, sampler, collator, num_workers: int, consume=None):
+        from torch.utils.data import DataLoader
+
+        self.sampler, self.collator, self.consume = sampler, collator, consume
+        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
+        self.epoch = 0
+
+    def __call__(self, batches: int) -> tuple[int, float, float]:
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
+        self.collator.set_epoch(self.epoch)
+        iterator = iter(self.loader)
+        first = next(iterator)
+        if self.consume:
+            self.consume(first)
+        lesions, wall, cpu = 0, time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            batch = next(iterator)
+            lesions += batch["pixel_values"].shape[0]
+            if self.consume:
+                self.consume(batch)
+        result = lesions, time.perf_counter() - wall, time.process_time() - cpu
+        del iterator  # shuts the worker down
+        return result
+
+
+class TrainContender(Contender):
+    """Training steps on batches collated beforehand: the model's own throughput."""
+
+    def __init__(self, step, batches: list[dict]):
+        self.step, self.batches, self.position = step, batches, 0
+
+    def __call__(self, batches: int) -> tuple[int, float, float]:
+        lesions, wall, cpu = 0, time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            batch = self.batches[self.position % len(self.batches)]
+            self.position += 1
+            self.step(batch)
+            lesions += batch["pixel_values"].shape[0]
+        return lesions, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def training_step(model_size: str, vision_model_type: str, schema: dict, train_split, seed: int):
+    """The tiny SLIMP of pretrain.py (preset, schema fitted on the train split) and one AdamW step on a batch."""
+    import torch
+    from transformers import ViTImageProcessorPil
+
+    from modeling_slimp import SLIMPModel, SLIMPProcessor
+    from training.configs import build_slimp_config
+
+    config = build_slimp_config(schema, train_split, model_size, vision_model_type)
+    torch.manual_seed(seed)
+    model = SLIMPModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    image_size = getattr(config.vision_config, "image_size", 224)
+    processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), config)
+
+    def step(batch: dict) -> None:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        model(**inputs, return_loss=True).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, processor
+
+
+def loader_section(args: DataBenchArguments, dataset_dir: str) -> dict:
+    import torch
+
+    from training.collate import SLIMPCollator
+    from training.data import load_slimp_dataset
+    from training.sampler import PatientBatchSampler
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    train_split, schema = load_slimp_dataset(dataset_dir, "train")
+    step, processor = training_step(args.model_size, args.vision_model_type, schema, train_split, args.seed)
+
+    def sampler():
+        return PatientBatchSampler(train_split["patient_id"], args.patients_per_batch, args.max_lesions_per_patient,
+                                   seed=args.seed)
+
+    def collator():
+        return SLIMPCollator(processor, train=True, seed=args.seed)
+
+    warm_collator = collator()
+    ready = [warm_collator([train_split[i] for i in rows]) for rows in list(iter(sampler()))[: max(4, args.batches)]]
+    contenders = {
+        "loader_workers_0": LoaderContender(train_split, sampler(), collator(), 0),
+        "loader_workers_1": LoaderContender(train_split, sampler(), collator(), 1),
+        "train_precollated": TrainContender(step, ready),
+        "train_fed_by_1_worker": LoaderContender(train_split, sampler(), collator(), 1, consume=step),
+    }
+    names = list(contenders)
+    for name in names:  # warm-up: first calls load kernels and caches
+        contenders[name](1)
+    measured = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            measured[name].append(contenders[name](args.batches))
+    result = {"dataset_rows": len(train_split), "patients_per_batch": args.patients_per_batch,
+              "max_lesions_per_patient": args.max_lesions_per_patient, "batches_per_round": args.batches,
+              "rounds": args.rounds, "torch_threads_main": torch.get_num_threads()}
+    for name, calls in measured.items():
+        lesions = sum(c[0] for c in calls)
+        rates = [c[0] / c[1] for c in calls]
+        result[name] = {"lesions": lesions, "lesions_per_s": lesions / sum(c[1] for c in calls),
+                        "lesions_per_s_rounds": rates, "lesions_per_cpu_s_main": lesions / max(sum(c[2] for c in calls), 1e-9)}
+    train = result["train_precollated"]
+    result["ratios"] = {
+        "loader_w0_over_train": result["loader_workers_0"]["lesions_per_s"] / train["lesions_per_s"],
+        "loader_w0_over_train_cpu": result["loader_workers_0"]["lesions_per_cpu_s_main"] / train["lesions_per_cpu_s_main"],
+        "loader_w1_over_train": result["loader_workers_1"]["lesions_per_s"] / train["lesions_per_s"],
+        "fed_by_1_worker_over_precollated": result["train_fed_by_1_worker"]["lesions_per_s"] / train["lesions_per_s"],
+        "median_round_loader_w1_over_train": statistics.median(
+            a / b for a, b in zip(result["loader_workers_1"]["lesions_per_s_rounds"], train["lesions_per_s_rounds"])),
+    }
+    result["loader_is_bottleneck"] = result["ratios"]["loader_w1_over_train"] < 1.0
+    return result
+
+
+# ----- report -----
+def tables(result: dict) -> str:
+    env, arguments = result["environment"], result["arguments"]
+    parts = [f"# bench/data.py ({env['date']}, {env['cpu_count']} CPUs, load {env['load_average_1m']}, "
+             f"total {result['total_seconds']:.0f} s)"]
+    g = result["synthetic"]
+    parts.append(f"\n## Synthetic layout: {g['lesions']} images of {arguments['image_size']} px, {g['patients']} patients, "
+                 f"{g['hdf5_mib']:.0f} MiB HDF5: {g['seconds']:.0f} s ({g['images_per_s']:.0f} images/s)"
+                 + (" [reused from an earlier run]" if g["reused"] else ""))
+    c = result["converter"]
+    parts.append(f"\n## Converter `python -m training.prepare_data isic2024` (one subprocess per size, its own peak RSS; "
+                 f"`--help` alone: {c['import_only']['seconds']:.1f} s, {c['import_only']['peak_rss_mib']:.0f} MiB)\n")
+    parts.append(markdown_table(["rows", "wall s", "rows/s", "rows per CPU s", "peak RSS MiB",
+                                 "peak above import MiB", "sampled peak anon MiB", "sampled peak file-backed MiB"],
+                                [[r["rows"], r["seconds"], r["rows_per_s"], r["rows_per_cpu_s"],
+                                  r["peak_rss_mib"], r["peak_above_import_mib"], r["sampled_peak_anon_mib"],
+                                  r["sampled_peak_file_mib"]] for r in c["runs"]]))
+    parts.append(f"\n{c['rows_ratio']:.0f}x the rows: peak RSS x{c['peak_ratio_largest_over_smallest']:.3f} "
+                 f"(above the import baseline: x{c['peak_above_import_ratio']:.2f})")
+    growth = [f"{name} {c[f'{name}_growth_kib_per_1000_rows']:.0f} KiB per 1000 rows (linear extrapolation to "
+              f"{ISIC2024_ROWS} rows: {c[f'{name}_extrapolated_mib_at_{ISIC2024_ROWS}_rows']:.0f} MiB)"
+              for name in ("rss", "anon", "file") if f"{name}_growth_kib_per_1000_rows" in c]
+    if growth:
+        parts.append("Peak growth: " + "; ".join(growth))
+    lo = result["loader"]
+    parts.append(f"\n## Loader vs model ({arguments['model_size']} preset, {lo['patients_per_batch']} patients x up to "
+                 f"{lo['max_lesions_per_patient']} lesions, {lo['rounds']} alternating rounds of {lo['batches_per_round']} batches)\n")
+    parts.append(markdown_table(["contender", "lesions/s (wall)", "lesions per CPU s of the main process"],
+                                [[name, lo[name]["lesions_per_s"], "n/a (idle)" if name == "loader_workers_1" else lo[name]["lesions_per_cpu_s_main"]]
+                                 for name in ("loader_workers_0", "loader_workers_1", "train_precollated", "train_fed_by_1_worker")]))
+    parts.append("\n" + markdown_table(["ratio", "value"], [[k, v] for k, v in lo["ratios"].items()]))
+    parts.append(f"\nLoader the bottleneck with 1 worker: {'yes' if lo['loader_is_bottleneck'] else 'no'}")
+    return "\n".join(parts)
+
+
+def cleanup(work: Path, temporary: bool, keep_layout: bool) -> None:
+    """Delete what this script wrote (all of a temporary folder); with `keep_layout` keep the synthetic layout."""
+    if temporary and not keep_layout:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for path in work.glob("*"):
+        ours = path.name.startswith(("subset-", "converted-")) or path.name.endswith((".log", ".peak.json"))
+        if path.is_dir() and (ours or (path.name == "kaggle" and not keep_layout)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif ours:
+            path.unlink()
+    if keep_layout:
+        print(f"kept the synthetic layout in {work / 'kaggle'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(DataBenchArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="slimp-bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = {"environment": environment(args.threads if args.threads > 0 else None), "arguments": asdict(args)}
+        result["synthetic"] = synthetic_layout(args, work)
+        result["converter"] = converter_section(args, result["synthetic"], work)
+        result["loader"] = loader_section(args, result["converter"]["runs"][-1]["output_dir"])
+        result["total_seconds"] = time.perf_counter() - start
+    finally:
+        cleanup(work, temporary=not args.data_dir, keep_layout=args.keep)
+    emit(result, tables(result), args.output)
+    return result
+
+
+if __name__ == "__main__":
+    main()
