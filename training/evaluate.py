@@ -27,19 +27,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
 if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
+from training.cli import parse_dataclasses, to_jsonable  # noqa: E402
 from training.collate import SLIMPCollator  # noqa: E402
 from training.data import load_slimp_dataset  # noqa: E402
 from training.features import FEATURE_SETS, extract_features, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
@@ -68,14 +67,7 @@ class EvaluateArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
-    parser = HfArgumentParser(EvaluateArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_dataclasses((EvaluateArguments,), argv)
     if len(args.splits) < 2 or len(set(args.splits)) != len(args.splits):
         raise ValueError(f"--splits needs the training split and at least one other, all distinct; got {args.splits}")
     if not args.seeds:
@@ -257,23 +249,10 @@ def plot_kshot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def _jsonable(value):
-    """NaN -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_report(results: dict, curves: dict, label_names: list[str], positive_class: int, output_dir: str) -> Path:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (output / "results.json").write_text(json.dumps(to_jsonable(results), indent=1))
     (output / "results.md").write_text(render_markdown(results))
     plot_roc(curves, label_names, positive_class, output / "roc.png")
     plot_kshot(results, output / "kshot.png")

@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
 if __package__ in (None, ""):  # `python training/extrapolate.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor  # noqa: E402
+from training.cli import parse_dataclasses, to_jsonable  # noqa: E402
 from training.collate import SLIMPCollator  # noqa: E402
 from training.data import load_slimp_dataset  # noqa: E402
 from training.features import extract_features, fit_probe, probe_inputs, probe_metrics  # noqa: E402
@@ -82,14 +82,7 @@ class ExtrapolateArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> ExtrapolateArguments:
-    parser = HfArgumentParser(ExtrapolateArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_dataclasses((ExtrapolateArguments,), argv)
     if args.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting must be one of {WEIGHTINGS}, got '{args.weighting}'")
     if args.k < 1:
@@ -416,16 +409,6 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 # ----- script -----
 
 def reference_bank(args: ExtrapolateArguments, extract, features: dict, fingerprint: str, cache: dict) -> ReferenceBank:
@@ -502,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
               "downstream": downstream(args, extract, cache, target, hidden, imputed, features, missing, notes)}
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "extrapolation.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (output / "extrapolation.json").write_text(json.dumps(to_jsonable(result), indent=1))
     (output / "extrapolation.md").write_text(render_markdown(result))
     logger.info("wrote %s", output / "extrapolation.md")
     return result

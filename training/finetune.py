@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -60,12 +59,13 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 if __package__ in (None, ""):  # `python training/finetune.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
+from training.cli import parse_dataclasses  # noqa: E402
 from training.collate import SLIMPCollator  # noqa: E402
 from training.data import load_slimp_dataset  # noqa: E402
 from training.features import patient_batches  # noqa: E402
@@ -128,13 +128,7 @@ class TrainArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
-    parser = HfArgumentParser((DataArguments, ModelArguments, TrainArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
 
 
 # ----- the classifier -----

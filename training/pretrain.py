@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,12 +32,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, ViTImageProcessorPil, get_cosine_schedule_with_warmup
+from transformers import ViTImageProcessorPil, get_cosine_schedule_with_warmup
 
 if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
+from training.cli import parse_dataclasses  # noqa: E402
 from training.checkpointing import checkpoint_dirs, find_checkpoint, rotate_checkpoints  # noqa: E402
 from training.collate import SLIMPCollator  # noqa: E402
 from training.configs import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config  # noqa: E402
@@ -109,13 +109,7 @@ class TrainArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
-    parser = HfArgumentParser((DataArguments, ModelArguments, TrainArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
 
 
 def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:

@@ -12,11 +12,11 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from modeling_slimp import SLIMPModel
+from training.cli import to_jsonable
 from training.data import load_slimp_dataset
 from training.features import FEATURE_SETS, extract_features, linear_probe, probe_inputs
 
@@ -132,16 +132,6 @@ def _results_table(results: dict) -> str:
     return "\n".join(lines) or "No evaluation was run for this checkpoint."
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
-
-
 def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: str, results: dict, task: str = "pretraining",
                  push_to_hub: bool = False, hub_model_id: str | None = None) -> Path:
     """save_pretrained (safetensors + code + auto_map), the processor, README.md and results.json; push if asked."""
@@ -149,7 +139,7 @@ def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: s
     model.save_pretrained(output)
     processor.save_pretrained(output)
     (output / "README.md").write_text(render_model_card(model.config, schema, dataset_dir, results, task, hub_model_id))
-    (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1, default=str))
+    (output / "results.json").write_text(json.dumps(to_jsonable(results), indent=1, default=str))
     logger.info("saved %s to %s", type(model).__name__, output)
     if push_to_hub:
         if not hub_model_id:
