@@ -273,7 +273,9 @@ def _first_present_per_patient(columns: dict[str, list], features: Iterable[str]
 
 def _fit_tower(columns: dict[str, list], numerical: list[str], categorical: list[str], min_count: int,
                tower: Mapping[str, Any] | None) -> SLIMPMetadataConfig:
-    means, stds = [], []
+    """A feature with no present value in the training rows carries nothing to learn: it is left out
+    of the schema, with a warning, rather than failing the fit (a column full of NaN is common)."""
+    kept_numerical, means, stds, empty = [], [], [], []
     for feature in numerical:
         present = []
         for value in columns[feature]:
@@ -283,20 +285,27 @@ def _fit_tower(columns: dict[str, list], numerical: list[str], categorical: list
                 continue
             if math.isfinite(number):
                 present.append(number)
+        if not present:
+            empty.append(feature)
+            continue
         values = torch.tensor(present, dtype=torch.float64)
-        mean = float(values.mean()) if len(present) else 0.0
         std = float(values.std(unbiased=False)) if len(present) > 1 else 1.0
-        means.append(mean)
+        kept_numerical.append(feature)
+        means.append(float(values.mean()))
         stds.append(std if std > 1e-12 else 1.0)
     vocabularies = {}
     for feature in categorical:
         counts = Counter(c for c in (_as_category(v) for v in columns[feature]) if c is not None)
         kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
-        if not kept:
-            raise ValueError(f"fit_metadata_schema: categorical feature '{feature}' has no category seen {min_count}+ times.")
-        vocabularies[feature] = kept
+        if kept:
+            vocabularies[feature] = kept
+        else:
+            empty.append(feature)
+    if empty:
+        logger.warning("fit_metadata_schema: no usable value (or no category seen %d+ times) in %s: left out of the schema.",
+                       min_count, ", ".join(empty))
     return SLIMPMetadataConfig(
-        numerical_features=numerical, categorical_features=vocabularies, numerical_mean=means, numerical_std=stds,
+        numerical_features=kept_numerical, categorical_features=vocabularies, numerical_mean=means, numerical_std=stds,
         **dict(tower or {}),
     )
 

@@ -184,6 +184,24 @@ def test_fit_metadata_schema_on_a_dataframe():
         SLIMPProcessor.fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"])
 
 
+def test_a_column_full_of_nan_is_left_out_of_the_schema_with_a_warning(caplog):
+    frame = pd.DataFrame(ROWS).assign(tbp_lv_H=float("nan"), tbp_tile_type=None)
+    lesion, _ = SLIMPProcessor.fit_metadata_schema(
+        frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general", "tbp_tile_type"])
+    assert lesion.numerical_features == ["clin_size_long_diam_mm"]
+    assert list(lesion.categorical_features) == ["anatom_site_general"]
+    assert "tbp_lv_H" in caplog.text and "tbp_tile_type" in caplog.text
+    # At inference an all-NaN column of a schema feature is simply missing, and the model stays finite.
+    proc = processor()
+    batch = proc(images=rgb_images(len(frame)), metadata=frame)
+    column = proc.config.lesion_metadata_config.numerical_features.index("tbp_lv_H")
+    assert torch.isnan(batch["lesion_numerical_values"][:, column]).all()
+    model = SLIMPModel(proc.config).eval()
+    with torch.no_grad():
+        out = model(**batch, return_loss=True)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.image_embeds).all()
+
+
 def test_save_and_load_alone(tmp_path):
     proc = processor()
     proc.save_pretrained(tmp_path)
