@@ -48,6 +48,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import environment  # noqa: E402
+from training.cli import to_jsonable  # noqa: E402
 from training.evaluate import summarise  # noqa: E402
 from training.features import FEATURE_SETS  # noqa: E402
 
@@ -388,26 +389,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["wall_s"] = time.perf_counter() - start
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "quality.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (output / "quality.json").write_text(json.dumps(to_jsonable(result), indent=1))
     table = render_markdown(result)
     (output / "quality.md").write_text(table)
     plot_kshot(result, output / "kshot.png")
     print(output / "quality.json")
     print(table)
     return result
-
-
-def _jsonable(value):
-    """NaN -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 if __name__ == "__main__":
