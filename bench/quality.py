@@ -284,6 +284,8 @@ def render_markdown(result: dict) -> str:
         f"{args['patients_per_batch']} patients x up to {args['max_lesions_per_patient']} lesions, lr {args['learning_rate']}. "
         f"Mean ± std over {len(seeds)} pre-training seed(s) {seeds}; k-shot: {args['kshot_draws']} draw(s) per checkpoint, "
         "the same draws for every variant of a seed.", "",
+        "Variants: " + "; ".join(f"`{v}`: {aggregated[v]['description']}" for v in variants) + ". "
+        "`random` and `simclr` leave the metadata towers untrained (random features), `clip_flat` the patient tower.", "",
         "| variant | " + " | ".join(title for _, title in HEADLINE) + " | wall time |",
         "|---|" + "---|" * (len(HEADLINE) + 1)]
     best = {key: max(aggregated[v]["metrics"].get(key, {"mean": -math.inf})["mean"] for v in variants) for key, _ in HEADLINE}
@@ -326,15 +328,27 @@ def render_markdown(result: dict) -> str:
 
 
 def shortfalls(diffs: dict) -> list[str]:
-    """One line per SLIMP variant: the baselines and metrics it does not beat by more than the noise."""
-    lines = []
+    """Plain sentences: per SLIMP variant, the columns where it beats every baseline by more than the noise,
+    then per baseline where it is worse, where the difference is noise, and where it is better."""
     titles = dict(HEADLINE)
+    lines = []
     for slimp in SLIMP_VARIANTS:
-        misses = [f"{comparison.split(' - ')[1]} on {titles[key]} ({cell(d, digits_of(key))}, {verdict(d)})"
-                  for comparison, by_key in diffs.items() if comparison.startswith(slimp + " ")
-                  for key, d in by_key.items() if d["n"] and verdict(d) != "better"]
-        if any(c.startswith(slimp + " ") for c in diffs):
-            lines.append(f"- `{slimp}` does not clearly beat: " + ("; ".join(misses) if misses else "none (it beats every baseline on every column)") + ".")
+        mine = {c.split(" - ")[1]: by_key for c, by_key in diffs.items() if c.startswith(slimp + " - ")}
+        if not mine:
+            continue
+        wins = [titles[key] for key, _ in HEADLINE if all(by_key[key]["n"] and verdict(by_key[key]) == "better" for by_key in mine.values())]
+        lines.append(f"- `{slimp}` beats every baseline ({', '.join(mine)}) by more than the noise on {len(wins)} of {len(HEADLINE)} "
+                     f"columns{': ' + ', '.join(wins) if wins else ''}.")
+        for baseline, by_key in mine.items():
+            groups = {"worse": [], "no clear difference": [], "better": []}
+            for key, _ in HEADLINE:
+                word = verdict(by_key[key])
+                if word == "n/a":
+                    continue
+                group = "worse" if word == "WORSE" else "better" if word == "better" else "no clear difference"
+                groups[group].append(f"{titles[key]} {by_key[key]['mean']:+.{digits_of(key)}f} ± {by_key[key]['std']:.{digits_of(key)}f}")
+            parts = [f"{name} on {', '.join(items)}" for name, items in groups.items() if items]
+            lines.append(f"  - vs `{baseline}`: " + "; ".join(parts) + ".")
     return lines
 
 
