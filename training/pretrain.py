@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -208,23 +209,27 @@ def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim
 
 @torch.no_grad()
 def validate(model: SLIMPModel, collator, dataset, batch_size: int) -> dict[str, float]:
-    """Contrastive losses (single-process, over patient-whole batches) and retrieval recall@k."""
-    from training.features import extract_features, patient_batches
+    """Contrastive losses (single-process, over patient-whole batches) and retrieval recall@k, in one
+    pass over the split. Called on the main process only, so the loss is never gathered."""
+    from training.features import patient_batches
 
     model.eval()
     totals = {"lesion_loss": 0.0, "patient_loss": 0.0}
+    embeds: dict[str, list] = {"image": [], "lesion_metadata": []}
     batches = patient_batches(dataset["patient_id"], batch_size)
+    scale = model.config.max_logit_scale
     for indices in batches:
         batch = {k: v.to(model.device) for k, v in collator([dataset[i] for i in indices]).items()}
         batch.pop("labels", None)
         batch.pop("ssl_pixel_values", None)
         out = model(**batch)
-        scale = model.config.max_logit_scale
         terms = model.contrastive_loss(out.image_embeds, out.lesion_metadata_embeds, out.phenotype_embeds, out.patient_metadata_embeds,
                                        model.lesion_logit_scale.clamp(max=scale).exp(), model.patient_logit_scale.clamp(max=scale).exp())
         totals["lesion_loss"] += float(terms.lesion_loss) / len(batches)
         totals["patient_loss"] += float(terms.patient_loss) / len(batches)
-    metrics = retrieval_metrics(extract_features(model, collator, dataset, batch_size=batch_size))
+        embeds["image"].append(out.image_embeds.float().cpu().numpy())
+        embeds["lesion_metadata"].append(out.lesion_metadata_embeds.float().cpu().numpy())
+    metrics = retrieval_metrics({key: np.concatenate(parts) for key, parts in embeds.items()})
     model.train()
     return {f"val/{k}": v for k, v in {**totals, **metrics}.items()}
 
