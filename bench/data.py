@@ -8,7 +8,7 @@
 What it measures:
 
 1. **Synthetic data**: time to write a synthetic ISIC 2024 Kaggle layout (`train-metadata.csv` +
-   `train-image.hdf5`, 128 px JPEGs) of `--images` images with `training.synthetic.write_kaggle_layout`.
+   `train-image.hdf5`, 128 px JPEGs) of `--images` images with `training.data.synthetic.write_kaggle_layout`.
    Only a means to an end, but it dominates the run time, so it is reported.
 2. **Converter**: `python -m training.prepare_data isic2024 ...` run as a subprocess on the first 5,000
    and on all 20,000 rows (`--sizes`): rows/s (wall, including the interpreter start, and per CPU
@@ -76,7 +76,7 @@ class DataBenchArguments:
 # ----- 1. synthetic layout -----
 def patients_for(images: int, seed: int) -> int:
     """Fewest synthetic patients whose lesions number at least `images`."""
-    from training.synthetic import sample_patient
+    from training.data.synthetic import sample_patient
 
     total, patients = 0, 0
     while total < images:
@@ -87,7 +87,7 @@ def patients_for(images: int, seed: int) -> int:
 
 def synthetic_layout(args: DataBenchArguments, work: Path) -> dict:
     """Write (or reuse) the Kaggle layout of at least `args.images` images; returns counts and timings."""
-    from training.synthetic import write_kaggle_layout
+    from training.data.synthetic import write_kaggle_layout
 
     folder = work / "kaggle"
     key = {"images": args.images, "seed": args.seed, "image_size": args.image_size}
@@ -244,7 +244,7 @@ class LoaderContender(Contender):
         lesions, wall, cpu = 0, time.perf_counter(), time.process_time()
         for _ in range(batches):
             batch = next(iterator)
-            lesions += batch["pixel_values"].shape[0]
+            lesions += batch["pixels"].shape[0]
             if self.consume:
                 self.consume(batch)
         result = lesions, time.perf_counter() - wall, time.process_time() - cpu
@@ -264,7 +264,7 @@ class TrainContender(Contender):
             batch = self.batches[self.position % len(self.batches)]
             self.position += 1
             self.step(batch)
-            lesions += batch["pixel_values"].shape[0]
+            lesions += batch["pixels"].shape[0]
         return lesions, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -274,7 +274,8 @@ def training_step(model_size: str, vision_model_type: str, schema: dict, train_s
     from transformers import ViTImageProcessorPil
 
     from modeling_slimp import SLIMPModel, SLIMPProcessor
-    from training.configs import build_slimp_config
+    from training.data.collate import BatchTransform
+    from training.presets import build_slimp_config
 
     config = build_slimp_config(schema, train_split, model_size, vision_model_type)
     torch.manual_seed(seed)
@@ -283,8 +284,10 @@ def training_step(model_size: str, vision_model_type: str, schema: dict, train_s
     image_size = getattr(config.vision_config, "image_size", 224)
     processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), config)
 
+    transform = BatchTransform(processor)
+
     def step(batch: dict) -> None:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in transform(batch).items() if k != "labels"}  # augmentation on the device
         model(**inputs, return_loss=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,9 +298,9 @@ def training_step(model_size: str, vision_model_type: str, schema: dict, train_s
 def loader_section(args: DataBenchArguments, dataset_dir: str) -> dict:
     import torch
 
-    from training.collate import SLIMPCollator
-    from training.data import load_slimp_dataset
-    from training.sampler import PatientBatchSampler
+    from training.data.collate import SLIMPCollator
+    from training.data.dataset import load_slimp_dataset
+    from training.data.sampler import PatientBatchSampler
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

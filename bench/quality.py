@@ -48,9 +48,9 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import environment  # noqa: E402
-from training.cli import to_jsonable  # noqa: E402
+from training.results import to_jsonable  # noqa: E402
 from training.evaluate import summarise  # noqa: E402
-from training.features import FEATURE_SETS  # noqa: E402
+from training.probe import FEATURE_SETS  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 
@@ -128,7 +128,7 @@ def build_dataset(args: QualityArguments) -> str:
     name = f"synthetic-p{args.patients}-seed{args.dataset_seed}" + (f"-{args.dataset_image_size}px" if args.dataset_image_size else "")
     directory = Path(args.work_dir) / "data" / name
     if not (directory / "summary.json").is_file():
-        from training import prepare_data
+        from training.data import convert as prepare_data
 
         command = ["synthetic", "--patients", str(args.patients), "--seed", str(args.dataset_seed), "--output-dir", str(directory)]
         if args.dataset_image_size:
@@ -152,7 +152,7 @@ def save_untrained(args: QualityArguments, dataset_dir: str, model_dir: Path, se
     from transformers import ViTImageProcessorPil
 
     from modeling_slimp import SLIMPProcessor
-    from training.data import load_slimp_dataset
+    from training.data.dataset import load_slimp_dataset
     from training.pretrain import ModelArguments, build_model
 
     set_seed(seed)  # as pretrain.main does before building its model

@@ -56,10 +56,10 @@ from bench._common import (  # noqa: E402
     summary,
 )
 from modeling_slimp import SLIMPConfig, SLIMPModel  # noqa: E402
-from modeling_slimp.losses import symmetric_infonce  # noqa: E402
-from modeling_slimp.modeling_slimp import uses_cls_token, vision_feature_size  # noqa: E402
-from training.configs import build_slimp_config  # noqa: E402
-from training.sources import ISIC2024  # noqa: E402
+from modeling_slimp.losses import clamped_logit_scale, symmetric_infonce  # noqa: E402
+from modeling_slimp.modeling_slimp import pooled_image_feature, uses_cls_token, vision_feature_size  # noqa: E402
+from training.presets import build_slimp_config  # noqa: E402
+from training.data.sources import ISIC2024  # noqa: E402
 
 SECTIONS = ("train", "inference", "memory", "scaling", "profile")
 TRAIN_CONTENDERS = ("slimp", "backbone")
@@ -105,7 +105,7 @@ class SpeedArguments:
 
 # ----- models and batches -----
 def preset_config(model_size: str, vision_model_type: str, seed: int = 0, **overrides) -> SLIMPConfig:
-    """The preset SLIMPConfig of `training.configs`, with the ISIC 2024 metadata schema fitted on random rows."""
+    """The preset SLIMPConfig of `training.presets`, with the ISIC 2024 metadata schema fitted on random rows."""
     import numpy as np
     import pandas as pd
 
@@ -167,20 +167,19 @@ class BackboneCLIP(nn.Module):
         self.vision_model = AutoModel.from_config(config.vision_config)
         if uses_cls_token(config.vision_config) and getattr(self.vision_model, "pooler", None) is not None:
             self.vision_model.pooler = None  # as in SLIMPModel: the feature is the final-norm [CLS]
-        self.cls_token_feature = uses_cls_token(config.vision_config)
+        self.vision_config, self.max_logit_scale = config.vision_config, config.max_logit_scale
         self.visual_projection = nn.Linear(vision_feature_size(config), config.projection_dim)
         self.targets = nn.Embedding(num_targets, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = self.vision_model(pixel_values=pixel_values)
-        feature = output.last_hidden_state[:, 0] if self.cls_token_feature else output.pooler_output.flatten(1)
-        return self.visual_projection(feature)  # (N, D)
+        return self.visual_projection(pooled_image_feature(self.vision_config, output))  # (N, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         image = F.normalize(self.get_image_features(pixel_values), dim=-1)
         targets = F.normalize(self.targets.weight[: pixel_values.shape[0]], dim=-1)
-        return symmetric_infonce(image, targets, self.logit_scale.exp())[0]
+        return symmetric_infonce(image, targets, clamped_logit_scale(self.logit_scale, self.max_logit_scale))[0]
 
 
 def autocast(args: SpeedArguments):
@@ -402,9 +401,9 @@ class LossAggregationStep:
         image, lesion = F.normalize(self.image, dim=-1), F.normalize(self.lesion, dim=-1)
         phenotype = model.aggregate_phenotype(image, lesion, self.patient_index, self.num_patients)  # (P, D)
         if self.with_loss:
-            scale = model.lesion_logit_scale.exp()
-            loss = model.contrastive_loss(image, lesion, F.normalize(phenotype, dim=-1),
-                                          F.normalize(self.patient, dim=-1), scale, scale).loss
+            lesion_scale, patient_scale = model.logit_scales()
+            loss = model.contrastive_loss(image, lesion, F.normalize(phenotype, dim=-1), F.normalize(self.patient, dim=-1),
+                                          lesion_scale, patient_scale, lesion_loss_weight=model.config.lesion_loss_weight).loss
         else:
             loss = phenotype.sum()
         loss.backward()

@@ -29,7 +29,7 @@ from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel
 
 def synthetic_lesion(seed: int) -> tuple[Image.Image, dict]:
     """The first lesion of the synthetic generator: image and ISIC-named metadata (label columns dropped)."""
-    from training.synthetic import generate_records
+    from training.data.synthetic import generate_records
 
     record = next(generate_records(1, seed=seed, image_size=64))
     image = Image.open(io.BytesIO(record.pop("image_bytes")))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from modeling_slimp import SLIMPConfig  # noqa: E402
 from training import finetune  # noqa: E402
-from training.prepare_data import split_patients  # noqa: E402
+from training.data.convert import split_patients  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -3,7 +3,7 @@
     python examples/retrieve_similar_lesions.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
         --index_split train --query_split test --query_index 0 --k 5
 
-Builds an embedding index of `--index_split` with `training.features.extract_features` (whole patients per
+Builds an embedding index of `--index_split` with `training.embeddings.embed_split` (whole patients per
 batch), embeds the query lesion (row `--query_index` of `--query_split`, or `--query_image_id`) with its
 patient's other lesions, and ranks the index by cosine similarity of
 - the image embedding, and
@@ -23,9 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.collate import SLIMPCollator  # noqa: E402
-from training.data import load_slimp_dataset  # noqa: E402
-from training.features import extract_features  # noqa: E402
+from training.data.collate import SLIMPCollator  # noqa: E402
+from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.embeddings import embed_split  # noqa: E402
 
 
 def lesion_vectors(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
     index, schema = load_slimp_dataset(args.dataset_dir, args.index_split)
     label_names = schema["label"]["names"]
-    index_vectors = lesion_vectors(extract_features(model, collator, index))
+    index_vectors = lesion_vectors(embed_split(model, index, collator))
 
     queries, _ = load_slimp_dataset(args.dataset_dir, args.query_split)
     row = queries["image_id"].index(args.query_image_id) if args.query_image_id else args.query_index
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     # The query's patient comes along: patient-level inputs are read from the patient's rows.
     patient = queries.filter(lambda patient_id: patient_id == query["patient_id"], input_columns="patient_id")
     position = patient["image_id"].index(query["image_id"])
-    query_vectors = lesion_vectors(extract_features(model, collator, patient))
+    query_vectors = lesion_vectors(embed_split(model, patient, collator))
     print(f"query {query['image_id']} ({label_names[query['label']]}), index: {len(index)} lesions of {args.index_split}")
 
     for name, vectors in index_vectors.items():

@@ -1,19 +1,22 @@
 """SLIMP: nested multi-modal contrastive learning for skin lesions, as a transformers model.
 
-Importing this package registers SLIMP with the transformers auto classes, so that
-`AutoModel.from_pretrained(path)` works without `trust_remote_code` once it is installed.
+Importing this package registers SLIMP with the transformers auto classes (AutoConfig, AutoModel,
+AutoModelForImageClassification, AutoProcessor), so that `AutoModel.from_pretrained(path)` works without
+`trust_remote_code` once it is installed. Importing does nothing else (no I/O, no network).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoProcessor
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
 from .modeling_slimp import SLIMPForLesionClassification, SLIMPModel, SLIMPOutput, SLIMPPreTrainedModel
-from .processing_slimp import SLIMPProcessor
+from .pooling import PatientSums
+from .processing_slimp import PatientChunks, SLIMPDataCollator, SLIMPProcessor
 
 AutoConfig.register(SLIMPConfig.model_type, SLIMPConfig, exist_ok=True)
 AutoConfig.register(SLIMPMetadataConfig.model_type, SLIMPMetadataConfig, exist_ok=True)
 AutoModel.register(SLIMPConfig, SLIMPModel, exist_ok=True)
 AutoModelForImageClassification.register(SLIMPConfig, SLIMPForLesionClassification, exist_ok=True)
+AutoProcessor.register(SLIMPConfig, SLIMPProcessor, exist_ok=True)
 
 __all__ = [
     "SLIMPConfig",
@@ -23,4 +26,7 @@ __all__ = [
     "SLIMPOutput",
     "SLIMPPreTrainedModel",
     "SLIMPProcessor",
+    "SLIMPDataCollator",
+    "PatientChunks",
+    "PatientSums",
 ]

@@ -14,28 +14,21 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# ISIC 2024 (SLICE-3D) input columns: the release schema. Never add label-leaking columns
-# (`target`, `iddx_*`, `mel_thick_mm`, `mel_mitotic_index`, `lesion_id`).
-ISIC2024_LESION_NUMERICAL = ["clin_size_long_diam_mm"] + [
-    f"tbp_lv_{name}"
-    for name in (
-        "A Aext B Bext C Cext H Hext L Lext areaMM2 area_perim_ratio color_std_mean deltaA deltaB deltaL "
-        "deltaLB deltaLBnorm eccentricity minorAxisMM nevi_confidence norm_border norm_color perimeterMM "
-        "radial_color_std_max stdL stdLExt symm_2axis symm_2axis_angle x y z"
-    ).split()
-]
-ISIC2024_LESION_CATEGORICAL = {
-    "anatom_site_general": ["head/neck", "upper extremity", "lower extremity", "anterior torso", "posterior torso"],
-    "tbp_tile_type": ["3D: white", "3D: XP"],
-    "tbp_lv_location_simple": [
-        "Head & Neck", "Left Arm", "Right Arm", "Left Leg", "Right Leg", "Torso Front", "Torso Back",
-    ],
-}
-ISIC2024_PATIENT_NUMERICAL = ["age_approx"]
-ISIC2024_PATIENT_CATEGORICAL = {"sex": ["female", "male"]}
+from .schema_slimp import (
+    ISIC2024_LESION_CATEGORICAL,
+    ISIC2024_LESION_NUMERICAL,
+    ISIC2024_PATIENT_CATEGORICAL,
+    ISIC2024_PATIENT_NUMERICAL,
+)
 
 PATIENT_AGGREGATIONS = ("mean", "attention")
-CLASSIFIER_FEATURES = ("image", "image+lesion", "image+lesion+patient")
+# The parts a classifier may read, in this order: `image`, then optionally `lesion`, `patient`, `context`.
+CLASSIFIER_FEATURES = tuple(
+    "+".join(["image", *metadata, *context])
+    for metadata in ((), ("lesion",), ("lesion", "patient"))
+    for context in ((), ("context",))
+)
+CLASSIFIER_REPRESENTATIONS = ("projection", "tower")
 
 
 class SLIMPMetadataConfig(PreTrainedConfig):
@@ -156,8 +149,14 @@ class SLIMPConfig(PreTrainedConfig):
         patient_aggregation (`"mean"` or `"attention"`): how a patient's lesion representations are pooled.
         logit_scale_init_value (`float`): initial log logit scale of both levels (ln(1/0.07)).
         max_logit_scale (`float`): clamp of the log logit scales (ln 100).
-        classifier_features (`"image"`, `"image+lesion"` or `"image+lesion+patient"`): the features that
-            `SLIMPForLesionClassification` reads.
+        classifier_features (`str`): the parts `SLIMPForLesionClassification` reads, joined by "+":
+            `image`, then optionally `lesion` (the lesion's metadata), `patient` (its patient's metadata) and
+            `context` (the lesion's image [+ lesion metadata] representation minus the mean of the same
+            patient's other lesions; see `pooling.PatientSums.context`). One of `CLASSIFIER_FEATURES`.
+        classifier_representation (`"projection"` or `"tower"`): what the head reads of each tower: the
+            projected, un-normalised features (`get_image_features`, ...), or the tower outputs before the
+            projection (pooled image feature, metadata [CLS]). Either way the image-only path is affine in
+            the backbone's pooled feature.
         classifier_dropout (`float`): dropout before the classification head.
         class_weights (`list[float]`, optional): per-class weights of the classification loss.
         initializer_range (`float`): std of the truncated-normal init of the SLIMP-specific layers.
@@ -181,6 +180,7 @@ class SLIMPConfig(PreTrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     classifier_features: str = "image+lesion+patient"
+    classifier_representation: str = "projection"
     classifier_dropout: float = 0.0
     class_weights: list[float] | None = None
     initializer_range: float = 0.02
@@ -201,11 +201,13 @@ class SLIMPConfig(PreTrainedConfig):
             )
         if self.lesion_metadata_config is None:
             self.lesion_metadata_config = SLIMPMetadataConfig(
-                numerical_features=ISIC2024_LESION_NUMERICAL, categorical_features=ISIC2024_LESION_CATEGORICAL
+                numerical_features=list(ISIC2024_LESION_NUMERICAL),
+                categorical_features={k: list(v) for k, v in ISIC2024_LESION_CATEGORICAL.items()},
             )
         if self.patient_metadata_config is None:
             self.patient_metadata_config = SLIMPMetadataConfig(
-                numerical_features=ISIC2024_PATIENT_NUMERICAL, categorical_features=ISIC2024_PATIENT_CATEGORICAL
+                numerical_features=list(ISIC2024_PATIENT_NUMERICAL),
+                categorical_features={k: list(v) for k, v in ISIC2024_PATIENT_CATEGORICAL.items()},
             )
         for key in ("lesion_metadata_config", "patient_metadata_config"):
             value = getattr(self, key)
@@ -227,6 +229,11 @@ class SLIMPConfig(PreTrainedConfig):
             raise ValueError(
                 f"SLIMPConfig.classifier_features must be one of {CLASSIFIER_FEATURES}, got '{self.classifier_features}'."
             )
+        if self.classifier_representation not in CLASSIFIER_REPRESENTATIONS:
+            raise ValueError(
+                f"SLIMPConfig.classifier_representation must be one of {CLASSIFIER_REPRESENTATIONS}, "
+                f"got '{self.classifier_representation}'."
+            )
         for name in ("lesion_loss_weight", "image_ssl_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SLIMPConfig.{name} must be in [0, 1], got {getattr(self, name)}.")
@@ -243,4 +250,4 @@ class SLIMPConfig(PreTrainedConfig):
             raise ValueError(f"SLIMPConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
 
 
-__all__ = ["SLIMPConfig", "SLIMPMetadataConfig"]
+__all__ = ["SLIMPConfig", "SLIMPMetadataConfig", "CLASSIFIER_FEATURES", "CLASSIFIER_REPRESENTATIONS", "PATIENT_AGGREGATIONS"]

@@ -62,6 +62,11 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
+def clamped_logit_scale(log_scale: torch.Tensor, max_log_scale: float) -> torch.Tensor:
+    """The logit scale of a learned log scale: exp(min(log_scale, max_log_scale)), as CLIP (ln 100 cap)."""
+    return log_scale.clamp(max=max_log_scale).exp()
+
+
 def symmetric_infonce(
     a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, rank: int = 0, world_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,13 +127,11 @@ class NestedContrastiveLoss(nn.Module):
     L_patient: symmetric InfoNCE of phenotype_embeds vs patient_metadata_embeds (P, D) over the global
     batch; zero when the global batch has fewer than 2 patients. L_ssl: NT-Xent between two image views,
     only when `ssl_image_embeds` is given and w > 0.
-    """
 
-    def __init__(self, lesion_loss_weight: float = 0.5, image_ssl_weight: float = 0.0, ssl_temperature: float = 0.1):
-        super().__init__()
-        self.lesion_loss_weight = lesion_loss_weight
-        self.image_ssl_weight = image_ssl_weight
-        self.ssl_temperature = ssl_temperature
+    The module holds no hyperparameter: λ (`lesion_loss_weight`), w (`image_ssl_weight`) and the NT-Xent
+    temperature are arguments, which `SLIMPModel` passes from its config, the one place they live.
+    The logit scales arrive exponentiated (and clamped) by the model.
+    """
 
     def forward(
         self,
@@ -138,7 +141,10 @@ class NestedContrastiveLoss(nn.Module):
         patient_metadata_embeds: torch.Tensor,
         lesion_logit_scale: torch.Tensor,
         patient_logit_scale: torch.Tensor,
+        lesion_loss_weight: float = 0.5,
         ssl_image_embeds: torch.Tensor | None = None,
+        image_ssl_weight: float = 0.0,
+        ssl_temperature: float = 0.1,
         rank: int = 0,
         world_size: int = 1,
     ) -> NestedLossOutput:
@@ -148,13 +154,12 @@ class NestedContrastiveLoss(nn.Module):
         patient_loss, logits_per_phenotype = symmetric_infonce(
             phenotype_embeds, patient_metadata_embeds, patient_logit_scale, rank, world_size
         )
-        weight = self.lesion_loss_weight
-        loss = weight * lesion_loss + (1.0 - weight) * patient_loss
+        loss = lesion_loss_weight * lesion_loss + (1.0 - lesion_loss_weight) * patient_loss
         image_ssl_loss = None
-        if ssl_image_embeds is not None and self.image_ssl_weight > 0:
-            image_ssl_loss = nt_xent(image_embeds, ssl_image_embeds, self.ssl_temperature, rank, world_size)
-            loss = (1.0 - self.image_ssl_weight) * loss + self.image_ssl_weight * image_ssl_loss
+        if ssl_image_embeds is not None and image_ssl_weight > 0:
+            image_ssl_loss = nt_xent(image_embeds, ssl_image_embeds, ssl_temperature, rank, world_size)
+            loss = (1.0 - image_ssl_weight) * loss + image_ssl_weight * image_ssl_loss
         return NestedLossOutput(loss, lesion_loss, patient_loss, image_ssl_loss, logits_per_image, logits_per_phenotype)
 
 
-__all__ = ["gather_features", "distributed_context", "symmetric_infonce", "nt_xent", "NestedContrastiveLoss", "NestedLossOutput"]
+__all__ = ["gather_features", "distributed_context", "clamped_logit_scale", "symmetric_infonce", "nt_xent", "NestedContrastiveLoss", "NestedLossOutput"]

@@ -132,8 +132,7 @@ class SLIMPEncoderLayer(nn.Module):
 class SLIMPMetadataEncoder(nn.Module):
     """FT-Transformer over one row of metadata per item.
 
-    Inputs: `numerical_values` (B, Fn), `categorical_ids` (B, Fc). Returns the final-norm [CLS] (B, H);
-    with `return_tokens=True` also every final-norm token (B, 1 + Fn + Fc, H).
+    Inputs: `numerical_values` (B, Fn), `categorical_ids` (B, Fc). Returns the final-norm [CLS] (B, H).
     """
 
     def __init__(self, config: SLIMPMetadataConfig):
@@ -145,7 +144,7 @@ class SLIMPMetadataEncoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False  # switched by PreTrainedModel.gradient_checkpointing_enable
 
-    def forward(self, numerical_values: torch.Tensor, categorical_ids: torch.Tensor, return_tokens: bool = False):
+    def forward(self, numerical_values: torch.Tensor, categorical_ids: torch.Tensor) -> torch.Tensor:
         tokens = self.feature_tokenizer(numerical_values, categorical_ids)  # (B, F, H)
         hidden_states = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + F, H)
         for layer in self.layers:
@@ -153,8 +152,7 @@ class SLIMPMetadataEncoder(nn.Module):
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states)
             else:
                 hidden_states = layer(hidden_states)
-        hidden_states = self.final_layer_norm(hidden_states)
-        return (hidden_states[:, 0], hidden_states) if return_tokens else hidden_states[:, 0]
+        return self.final_layer_norm(hidden_states[:, 0])  # (B, H): only [CLS] is read
 
 
 __all__ = ["SLIMPFeatureTokenizer", "SLIMPAttention", "SLIMPMLP", "SLIMPEncoderLayer", "SLIMPMetadataEncoder"]

@@ -13,8 +13,11 @@ One batch holds N lesions of P patients:
     patient metadata (P, Gn|Gc) --FT-Transformer--> patient_metadata_embeds (P, D)
                                                           patient loss: phenotype <-> patient metadata
 
-Class order: `SLIMPOutput -> SLIMPAttentionPooling -> SLIMPPreTrainedModel -> SLIMPModel ->
-SLIMPForLesionClassification`.
+Inference runs no loss: `forward` computes embeddings and logits, and the nested loss only with
+`return_loss=True`. Pooling is a sum over lesions (`pooling.PatientSums`), so a patient whose lesions are
+spread over several batches can be pooled exactly (`new_patient_sums` / `add_lesions` / `phenotype_from_sums`).
+
+Class order: `SLIMPOutput -> SLIMPPreTrainedModel -> SLIMPModel -> SLIMPForLesionClassification`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
-from .losses import NestedContrastiveLoss, distributed_context
+from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context
 from .metadata_encoder import SLIMPFeatureTokenizer, SLIMPMetadataEncoder
+from .pooling import PatientSums, SLIMPAttentionPooling
 
 
 @dataclass
@@ -42,11 +46,13 @@ class SLIMPOutput(ModelOutput):
     lesion_loss (`()`): symmetric InfoNCE of images vs lesion metadata.
     patient_loss (`()`): symmetric InfoNCE of phenotypes vs patient metadata (0 with fewer than 2 patients).
     image_ssl_loss (`()`): SimCLR NT-Xent between two views, when `ssl_pixel_values` and w > 0.
-    logits_per_image (`(N, N)`): lesion scale · image_embeds @ lesion_metadata_embedsᵀ. Under
-        `torch.distributed` with `return_loss=True`: (N_local, N_global), this process's rows.
+    logits_per_image (`(N, N)`): lesion scale · image_embeds @ lesion_metadata_embedsᵀ. In training mode
+        under `torch.distributed` with `return_loss=True`: (N_local, N_global), this process's rows.
     logits_per_phenotype (`(P, P)`): patient scale · phenotype_embeds @ patient_metadata_embedsᵀ (same rule).
     image_embeds, lesion_metadata_embeds (`(N, D)`), phenotype_embeds, patient_metadata_embeds (`(P, D)`):
         L2-normalised embeddings.
+    image_pooled_output (`(N, C)`), lesion_metadata_pooled_output (`(N, H)`), patient_metadata_pooled_output
+        (`(P, H')`): the tower outputs before the projections (pooled image feature, metadata [CLS]).
     vision_model_output: the image backbone's own output.
     """
 
@@ -60,6 +66,9 @@ class SLIMPOutput(ModelOutput):
     lesion_metadata_embeds: torch.FloatTensor | None = None
     phenotype_embeds: torch.FloatTensor | None = None
     patient_metadata_embeds: torch.FloatTensor | None = None
+    image_pooled_output: torch.FloatTensor | None = None
+    lesion_metadata_pooled_output: torch.FloatTensor | None = None
+    patient_metadata_pooled_output: torch.FloatTensor | None = None
     vision_model_output: ModelOutput | None = None
 
 
@@ -74,40 +83,12 @@ def uses_cls_token(vision_config) -> bool:
     return not getattr(vision_config, "hidden_sizes", None)
 
 
-def pool_by_patient(values: torch.Tensor, patient_index: torch.Tensor, num_patients: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Ragged pooling: (N, C) rows -> (P, C), the (weighted) mean of each patient's rows. No padding, no loop.
-
-    weights (N,) must already sum to 1 within each patient; without them the plain mean is taken.
-    """
-    if weights is None:
-        # Counts by index_add, not bincount: CUDA bincount reads the index min/max back to the host (a sync).
-        ones = torch.ones(patient_index.shape[0], device=values.device)  # float32: exact counts to 2**24
-        counts = ones.new_zeros(num_patients).index_add_(0, patient_index, ones).clamp(min=1).to(values.dtype)  # (P,)
-        weights = 1.0 / counts[patient_index]
-    pooled = values.new_zeros((num_patients, values.shape[-1]))
-    return pooled.index_add(0, patient_index, values * weights.unsqueeze(-1).to(values.dtype))
-
-
-class SLIMPAttentionPooling(nn.Module):
-    """Gated attention pooling (Ilse et al., 2018, arXiv 1802.04712) over each patient's lesions.
-
-    A rare malignant lesion can carry a large weight instead of being averaged away among hundreds of
-    benign ones. (N, C) + patient_index (N,) -> (P, C); softmax within each patient, vectorised.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int):
-        super().__init__()
-        self.attention_v = nn.Linear(input_size, hidden_size)
-        self.attention_u = nn.Linear(input_size, hidden_size)
-        self.attention_w = nn.Linear(hidden_size, 1)
-
-    def forward(self, values: torch.Tensor, patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
-        gate = torch.tanh(self.attention_v(values)) * torch.sigmoid(self.attention_u(values))
-        scores = self.attention_w(gate).squeeze(-1).float()  # (N,)
-        peak = scores.new_full((num_patients,), float("-inf")).scatter_reduce(0, patient_index, scores, "amax")
-        expd = torch.exp(scores - peak[patient_index].detach())
-        totals = expd.new_zeros(num_patients).index_add(0, patient_index, expd)
-        return pool_by_patient(values, patient_index, num_patients, weights=expd / totals[patient_index])
+def pooled_image_feature(vision_config, output: ModelOutput) -> torch.Tensor:
+    """(N, C) the image feature of a backbone's output: the final-norm [CLS] of a token backbone (ViT,
+    DINOv2), the pooler output (global average pool) of a CNN."""
+    if uses_cls_token(vision_config):
+        return output.last_hidden_state[:, 0]
+    return output.pooler_output.flatten(1)
 
 
 class SLIMPPreTrainedModel(PreTrainedModel):
@@ -151,6 +132,75 @@ class SLIMPPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+# ----- input checks: a ValueError that names the input and what was expected, never a raw shape error -----
+def _rows(numerical: torch.Tensor | None, categorical: torch.Tensor | None) -> int | None:
+    for tensor in (numerical, categorical):
+        if tensor is not None:
+            return tensor.shape[0]
+    return None
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, name: str = "pixel_values") -> None:
+    if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
+        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+        raise ValueError(f"{name} must be a (N, 3, H, W) tensor of images, got {shape}; a single image needs a batch "
+                         "dimension (pixel_values[None]).")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"{name} holds no image (N = 0); give at least one lesion.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"{name} has dtype {pixel_values.dtype}: the model takes normalised float images. Run raw "
+                         "images through SLIMPProcessor (or its image processor) first.")
+
+
+def _check_metadata(name: str, tensor: torch.Tensor | None, rows: int, columns: int, what: str, floating: bool) -> None:
+    if tensor is None:
+        return
+    if tensor.ndim != 2 or tensor.shape != (rows, columns):
+        raise ValueError(f"{name} must have shape ({rows}, {columns}): one row per {what} and one column per feature "
+                         f"of the config's schema, got {tuple(tensor.shape)}.")
+    if not floating and tensor.is_floating_point():
+        raise ValueError(f"{name} must hold integer category ids (0 = missing), got dtype {tensor.dtype}.")
+
+
+def resolve_patients(patient_index: torch.Tensor | None, num_patients: int | None, num_lesions: int,
+                     device) -> tuple[torch.Tensor, int]:
+    """Validated `(patient_index (N,) long, P)`. Without `patient_index` every lesion is its own patient.
+
+    `num_patients` is the number of patient metadata rows, when given; otherwise P = max index + 1.
+    Raises ValueError naming `patient_index` for a wrong shape or dtype, an index outside [0, P), or a
+    patient row that no lesion points to (its phenotype would be empty).
+    """
+    if patient_index is None:
+        if num_patients not in (None, num_lesions):
+            raise ValueError(f"patient metadata has {num_patients} rows but no patient_index maps the {num_lesions} "
+                             "lesions to them; give patient_index (N,) with values in [0, P).")
+        return torch.arange(num_lesions, device=device), num_lesions
+    if not torch.is_tensor(patient_index) or patient_index.shape != (num_lesions,):
+        shape = tuple(patient_index.shape) if torch.is_tensor(patient_index) else type(patient_index).__name__
+        raise ValueError(f"patient_index must have shape ({num_lesions},), one entry per lesion, got {shape}.")
+    if patient_index.is_floating_point() or patient_index.dtype == torch.bool:
+        raise ValueError(f"patient_index must hold integer patient indices, got dtype {patient_index.dtype}.")
+    patient_index = patient_index.long()
+
+    def lesions_per_row(rows: int) -> torch.Tensor:  # (rows,) lesions pointing at each patient row
+        ones = torch.ones(num_lesions, device=patient_index.device)
+        return torch.zeros(rows, device=patient_index.device).index_add(0, patient_index.clamp(0, max(rows - 1, 0)), ones)
+
+    if num_patients is None:  # P from the indices: one host sync more
+        num_patients = int(patient_index.max()) + 1 if num_lesions else 0
+    hits = lesions_per_row(num_patients)
+    # One host sync for the three checks.
+    low, high, empty = (int(v) for v in torch.stack([patient_index.min(), patient_index.max(), (hits == 0).sum()]).tolist())
+    if low < 0 or high >= num_patients:
+        raise ValueError(f"patient_index must lie in [0, {num_patients}) (P = {num_patients} patient rows), got values "
+                         f"from {low} to {high}.")
+    if empty:
+        rows = torch.nonzero(hits == 0).flatten()[:5].tolist()
+        raise ValueError(f"patient rows {rows} have no lesion in patient_index: every patient row needs at least one "
+                         "lesion (its phenotype is the pool of its lesions); leave such patients out of the batch.")
+    return patient_index, num_patients
+
+
 def _missing_metadata(config: SLIMPMetadataConfig, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """All-missing metadata for `rows` items: (rows, Fn) NaN and (rows, Fc) zeros."""
     numerical = torch.full((rows, config.num_numerical), float("nan"), device=device)
@@ -187,7 +237,7 @@ class SLIMPModel(SLIMPPreTrainedModel):
         self.phenotype_projection = nn.Linear(2 * dim, dim)
         self.lesion_logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.patient_logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self.contrastive_loss = NestedContrastiveLoss(config.lesion_loss_weight, config.image_ssl_weight, config.ssl_temperature)
+        self.contrastive_loss = NestedContrastiveLoss()
         self.post_init()
 
     @classmethod
@@ -206,57 +256,100 @@ class SLIMPModel(SLIMPPreTrainedModel):
             raise ValueError(f"Vision checkpoint '{vision_model_name_or_path}' lacks weights for: {missing[:10]}")
         return model
 
-    # ----- features -----
-    def _image_feature(self, pixel_values: torch.Tensor):
-        output = self.vision_model(pixel_values=pixel_values.to(self.dtype))
-        if uses_cls_token(self.config.vision_config):
-            return output.last_hidden_state[:, 0], output  # (N, C)
-        return output.pooler_output.flatten(1), output  # (N, C)
+    def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lesion, patient) logit scales: exp of the learned log scales, clamped at `config.max_logit_scale`."""
+        ceiling = self.config.max_logit_scale
+        return clamped_logit_scale(self.lesion_logit_scale, ceiling), clamped_logit_scale(self.patient_logit_scale, ceiling)
 
+    # ----- towers: outputs before the projections -----
+    def image_tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+        """(N, 3, H, W) -> (pooled feature (N, C), backbone output): the final-norm [CLS] of a token
+        backbone (ViT, DINOv2), the pooler output of a CNN (global average pool)."""
+        output = self.vision_model(pixel_values=pixel_values.to(self.dtype))
+        return pooled_image_feature(self.config.vision_config, output), output
+
+    def lesion_metadata_tower(self, lesion_numerical_values=None, lesion_categorical_ids=None, num_lesions=None) -> torch.Tensor:
+        """(N, Fn) raw values + (N, Fc) ids -> the lesion tower's final-norm [CLS] (N, H)."""
+        return self._metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids, num_lesions)
+
+    def patient_metadata_tower(self, patient_numerical_values=None, patient_categorical_ids=None, num_patients=None) -> torch.Tensor:
+        """(P, Gn) raw values + (P, Gc) ids -> the patient tower's final-norm [CLS] (P, H')."""
+        return self._metadata_tower(self.patient_metadata_model, patient_numerical_values, patient_categorical_ids, num_patients)
+
+    def _metadata_tower(self, tower: SLIMPMetadataEncoder, numerical, categorical, rows) -> torch.Tensor:
+        rows = rows if rows is not None else _rows(numerical, categorical)
+        if rows is None:
+            raise ValueError("give the metadata tensors or the number of rows they would have")
+        missing_numerical, missing_categorical = _missing_metadata(tower.config, rows, self.device)
+        return tower(numerical if numerical is not None else missing_numerical,
+                     categorical if categorical is not None else missing_categorical)
+
+    # ----- projected features (un-normalised), as CLIP's get_*_features -----
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> projected, un-normalised image features (N, D)."""
-        return self.visual_projection(self._image_feature(pixel_values)[0])
-
-    def _metadata_inputs(self, config: SLIMPMetadataConfig, rows: int, numerical, categorical, device):
-        default_numerical, default_categorical = _missing_metadata(config, rows, device)
-        return (numerical if numerical is not None else default_numerical,
-                categorical if categorical is not None else default_categorical)
+        return self.visual_projection(self.image_tower(pixel_values)[0])
 
     def get_lesion_metadata_features(self, lesion_numerical_values=None, lesion_categorical_ids=None, num_lesions=None) -> torch.Tensor:
         """(N, Fn) raw values + (N, Fc) ids -> projected, un-normalised features (N, D)."""
-        rows = num_lesions if num_lesions is not None else _rows(lesion_numerical_values, lesion_categorical_ids)
-        numerical, categorical = self._metadata_inputs(
-            self.config.lesion_metadata_config, rows, lesion_numerical_values, lesion_categorical_ids, self.device
-        )
-        return self.lesion_metadata_projection(self.lesion_metadata_model(numerical, categorical))
+        return self.lesion_metadata_projection(self.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, num_lesions))
 
     def get_patient_metadata_features(self, patient_numerical_values=None, patient_categorical_ids=None, num_patients=None) -> torch.Tensor:
         """(P, Gn) raw values + (P, Gc) ids -> projected, un-normalised features (P, D)."""
-        rows = num_patients if num_patients is not None else _rows(patient_numerical_values, patient_categorical_ids)
-        numerical, categorical = self._metadata_inputs(
-            self.config.patient_metadata_config, rows, patient_numerical_values, patient_categorical_ids, self.device
-        )
-        return self.patient_metadata_projection(self.patient_metadata_model(numerical, categorical))
+        return self.patient_metadata_projection(self.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients))
+
+    # ----- the phenotype: per-patient sums, exact however the lesions are batched -----
+    def new_patient_sums(self, num_patients: int, device=None) -> PatientSums:
+        """Empty per-patient sums of lesion representations (N, 2D) for `num_patients` patients."""
+        return PatientSums(num_patients, 2 * self.config.projection_dim, attention=self.patient_pooling is not None,
+                           device=device if device is not None else self.device)
+
+    def add_lesions(self, sums: PatientSums, image_embeds: torch.Tensor, lesion_metadata_embeds: torch.Tensor,
+                    patient_index: torch.Tensor) -> PatientSums:
+        """Add lesions (L2-normalised embeddings (N, D) each) to their patients' rows `patient_index` (N,)."""
+        lesions = torch.cat([image_embeds, lesion_metadata_embeds], dim=-1)  # (N, 2D)
+        scores = self.patient_pooling(lesions) if self.patient_pooling is not None else None
+        return sums.add(lesions, patient_index, scores)
+
+    def phenotype_from_sums(self, sums: PatientSums) -> torch.Tensor:
+        """Projected, un-normalised phenotype features (P, D) of the pooled lesions."""
+        pooled = sums.attention_pool() if self.patient_pooling is not None else sums.mean()  # (P, 2D)
+        return self.phenotype_projection(pooled.to(self.phenotype_projection.weight.dtype))
 
     def aggregate_phenotype(self, image_embeds: torch.Tensor, lesion_metadata_embeds: torch.Tensor,
                             patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
-        """Lesion representations (N, 2D) pooled per patient and projected: phenotype features (P, D)."""
-        lesions = torch.cat([image_embeds, lesion_metadata_embeds], dim=-1)  # (N, 2D)
-        if self.patient_pooling is not None:
-            pooled = self.patient_pooling(lesions, patient_index, num_patients)
-        else:
-            pooled = pool_by_patient(lesions, patient_index, num_patients)
-        return self.phenotype_projection(pooled)  # (P, D)
+        """Lesion representations pooled per patient and projected: phenotype features (P, D)."""
+        sums = self.add_lesions(self.new_patient_sums(num_patients, image_embeds.device), image_embeds,
+                                lesion_metadata_embeds, patient_index)
+        return self.phenotype_from_sums(sums)
 
     def get_phenotype_features(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
                                patient_index=None, num_patients=None) -> torch.Tensor:
         """Projected, un-normalised phenotype features (P, D) of the patients of a batch of lesions."""
+        _check_pixel_values(pixel_values)
+        patient_index, num_patients = resolve_patients(patient_index, num_patients, pixel_values.shape[0], pixel_values.device)
         image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
         lesion_embeds = F.normalize(
             self.get_lesion_metadata_features(lesion_numerical_values, lesion_categorical_ids, pixel_values.shape[0]), dim=-1
         )
-        patient_index, num_patients = _resolve_patients(patient_index, num_patients, pixel_values.shape[0], pixel_values.device)
         return self.aggregate_phenotype(image_embeds, lesion_embeds, patient_index, num_patients)
+
+    def check_inputs(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
+                     patient_numerical_values=None, patient_categorical_ids=None, patient_index=None) -> tuple[torch.Tensor, int]:
+        """Validate a batch (see the input table of the README); returns `(patient_index, P)`."""
+        _check_pixel_values(pixel_values)
+        num_lesions = pixel_values.shape[0]
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        _check_metadata("lesion_numerical_values", lesion_numerical_values, num_lesions, lesion.num_numerical, "lesion", True)
+        _check_metadata("lesion_categorical_ids", lesion_categorical_ids, num_lesions, lesion.num_categorical, "lesion", False)
+        num_patients = _rows(patient_numerical_values, patient_categorical_ids)
+        if patient_numerical_values is not None and patient_categorical_ids is not None \
+                and patient_numerical_values.shape[0] != patient_categorical_ids.shape[0]:
+            raise ValueError(f"patient_numerical_values has {patient_numerical_values.shape[0]} rows but "
+                             f"patient_categorical_ids has {patient_categorical_ids.shape[0]}: one row per patient in both.")
+        patient_index, num_patients = resolve_patients(patient_index, num_patients, num_lesions, pixel_values.device)
+        _check_metadata("patient_numerical_values", patient_numerical_values, num_patients, patient.num_numerical, "patient", True)
+        _check_metadata("patient_categorical_ids", patient_categorical_ids, num_patients, patient.num_categorical, "patient", False)
+        return patient_index, num_patients
 
     def forward(
         self,
@@ -272,83 +365,136 @@ class SLIMPModel(SLIMPPreTrainedModel):
     ) -> SLIMPOutput:
         """See `SLIMPOutput`. `ssl_pixel_values` (N, 3, H, W): a second view of each image for the SimCLR term.
 
-        With `return_loss=True` under an initialised `torch.distributed`, embeddings are gathered across
-        processes (each process must hold whole patients) and the loss is the global-batch loss.
+        The nested loss runs only with `return_loss=True`. In training mode under an initialised
+        `torch.distributed`, its embeddings are gathered across processes (each process must hold whole
+        patients) and the loss is the global-batch loss; in eval mode (validation) it is the loss of this
+        process's batch.
         """
+        patient_index, num_patients = self.check_inputs(pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                                        patient_numerical_values, patient_categorical_ids, patient_index)
         num_lesions = pixel_values.shape[0]
-        num_patients = _rows(patient_numerical_values, patient_categorical_ids) if patient_index is not None else None
-        patient_index, num_patients = _resolve_patients(patient_index, num_patients, num_lesions, pixel_values.device)
-        image_features, vision_output = self._image_feature(pixel_values)
-        image_embeds = F.normalize(self.visual_projection(image_features), dim=-1)  # (N, D)
-        lesion_metadata_embeds = F.normalize(
-            self.get_lesion_metadata_features(lesion_numerical_values, lesion_categorical_ids, num_lesions), dim=-1
-        )  # (N, D)
-        patient_metadata_embeds = F.normalize(
-            self.get_patient_metadata_features(patient_numerical_values, patient_categorical_ids, num_patients), dim=-1
-        )  # (P, D)
+        image_pooled, vision_output = self.image_tower(pixel_values)  # (N, C)
+        lesion_pooled = self.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, num_lesions)  # (N, H)
+        patient_pooled = self.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients)  # (P, H')
+        image_embeds = F.normalize(self.visual_projection(image_pooled), dim=-1)  # (N, D)
+        lesion_metadata_embeds = F.normalize(self.lesion_metadata_projection(lesion_pooled), dim=-1)  # (N, D)
+        patient_metadata_embeds = F.normalize(self.patient_metadata_projection(patient_pooled), dim=-1)  # (P, D)
         phenotype_embeds = F.normalize(
             self.aggregate_phenotype(image_embeds, lesion_metadata_embeds, patient_index, num_patients), dim=-1
         )  # (P, D)
-        ssl_embeds = None
-        if ssl_pixel_values is not None and self.config.image_ssl_weight > 0:
-            ssl_embeds = F.normalize(self.get_image_features(ssl_pixel_values), dim=-1)
-        rank, world_size = distributed_context() if return_loss else (0, 1)
-        max_scale = self.config.max_logit_scale
-        terms = self.contrastive_loss(
-            image_embeds, lesion_metadata_embeds, phenotype_embeds, patient_metadata_embeds,
-            self.lesion_logit_scale.clamp(max=max_scale).exp(), self.patient_logit_scale.clamp(max=max_scale).exp(),
-            ssl_image_embeds=ssl_embeds, rank=rank, world_size=world_size,
-        )
+        lesion_scale, patient_scale = self.logit_scales()
+        terms: NestedLossOutput | None = None
+        if return_loss:
+            ssl_embeds = None
+            if ssl_pixel_values is not None and self.config.image_ssl_weight > 0:
+                _check_pixel_values(ssl_pixel_values, "ssl_pixel_values")
+                ssl_embeds = F.normalize(self.get_image_features(ssl_pixel_values), dim=-1)
+            rank, world_size = distributed_context() if self.training else (0, 1)
+            terms = self.contrastive_loss(
+                image_embeds, lesion_metadata_embeds, phenotype_embeds, patient_metadata_embeds, lesion_scale, patient_scale,
+                lesion_loss_weight=self.config.lesion_loss_weight, ssl_image_embeds=ssl_embeds,
+                image_ssl_weight=self.config.image_ssl_weight, ssl_temperature=self.config.ssl_temperature,
+                rank=rank, world_size=world_size,
+            )
+            logits_per_image, logits_per_phenotype = terms.logits_per_image, terms.logits_per_phenotype
+        else:
+            logits_per_image = lesion_scale * image_embeds @ lesion_metadata_embeds.t()  # (N, N)
+            logits_per_phenotype = patient_scale * phenotype_embeds @ patient_metadata_embeds.t()  # (P, P)
         return SLIMPOutput(
-            loss=terms.loss if return_loss else None,
-            lesion_loss=terms.lesion_loss if return_loss else None,
-            patient_loss=terms.patient_loss if return_loss else None,
-            image_ssl_loss=terms.image_ssl_loss if return_loss else None,
-            logits_per_image=terms.logits_per_image,
-            logits_per_phenotype=terms.logits_per_phenotype,
+            loss=terms.loss if terms else None,
+            lesion_loss=terms.lesion_loss if terms else None,
+            patient_loss=terms.patient_loss if terms else None,
+            image_ssl_loss=terms.image_ssl_loss if terms else None,
+            logits_per_image=logits_per_image,
+            logits_per_phenotype=logits_per_phenotype,
             image_embeds=image_embeds,
             lesion_metadata_embeds=lesion_metadata_embeds,
             phenotype_embeds=phenotype_embeds,
             patient_metadata_embeds=patient_metadata_embeds,
+            image_pooled_output=image_pooled,
+            lesion_metadata_pooled_output=lesion_pooled,
+            patient_metadata_pooled_output=patient_pooled,
             vision_model_output=vision_output,
         )
 
 
-def _rows(numerical: torch.Tensor | None, categorical: torch.Tensor | None) -> int | None:
-    for tensor in (numerical, categorical):
-        if tensor is not None:
-            return tensor.shape[0]
-    return None
-
-
-def _resolve_patients(patient_index, num_patients, num_lesions: int, device) -> tuple[torch.Tensor, int]:
-    """Default: every lesion is its own patient. Otherwise P = given count, or max index + 1."""
-    if patient_index is None:
-        return torch.arange(num_lesions, device=device), num_lesions
-    if patient_index.shape != (num_lesions,):
-        raise ValueError(f"patient_index must have shape ({num_lesions},), one entry per lesion, got {tuple(patient_index.shape)}.")
-    patient_index = patient_index.long()
-    if num_patients is None:
-        num_patients = int(patient_index.max().item()) + 1 if num_lesions else 0
-    return patient_index, num_patients
-
-
 class SLIMPForLesionClassification(SLIMPPreTrainedModel):
-    """A lesion classifier on SLIMP features: `classifier(concat(features))`.
+    """A lesion classifier on SLIMP features: `classifier(concat(parts))`.
 
-    Features (`config.classifier_features`): the projected, un-normalised image features, plus the
-    lesion-metadata features, plus the features of the lesion's patient's metadata. Absent metadata is
-    missing, so `pipeline("image-classification")`, which passes only `pixel_values`, works; the
-    image-only path is then affine in the image feature (exportable to a built-in classifier).
+    Parts (`config.classifier_features`): the image feature; the lesion-metadata feature; the feature of
+    the lesion's patient's metadata; and the patient context, the lesion's image (+ lesion-metadata)
+    representation minus the mean of the same patient's other lesions in the batch (zero for a
+    one-lesion patient). `config.classifier_representation` picks the projected, un-normalised features
+    or the tower outputs before the projection.
+
+    Absent metadata is missing and, without `patient_index`, every lesion is its own patient, so
+    `pipeline("image-classification")`, which passes only `pixel_values`, works and its path is affine
+    in the image feature (exportable to a built-in classifier). For a patient whose lesions do not fit
+    in one batch, compute `lesion_features` batch by batch, pool them with `pooling.PatientSums` and call
+    `classify` (what the project's evaluation does), so the context covers all of the patient's lesions.
     """
 
     def __init__(self, config: SLIMPConfig):
         super().__init__(config)
         self.slimp = SLIMPModel(config)
-        parts = len(config.classifier_features.split("+"))
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(parts * config.projection_dim, config.num_labels)
+        sizes = self.part_sizes()
+        self.classifier = nn.Linear(sum(sizes[part] for part in self.parts), config.num_labels)
         self.post_init()
+
+    @property
+    def parts(self) -> list[str]:
+        """The parts the head reads, in order (`config.classifier_features` split at "+")."""
+        return self.config.classifier_features.split("+")
+
+    def part_sizes(self) -> dict[str, int]:
+        """Width of each part in the head's input."""
+        config = self.config
+        if config.classifier_representation == "projection":
+            sizes = dict.fromkeys(("image", "lesion", "patient"), config.projection_dim)
+        else:
+            sizes = {"image": vision_feature_size(config), "lesion": config.lesion_metadata_config.hidden_size,
+                     "patient": config.patient_metadata_config.hidden_size}
+        sizes["context"] = sum(sizes[part] for part in self.context_parts())
+        return sizes
+
+    def context_parts(self) -> list[str]:
+        """The lesion-level parts whose representation the context compares: image, and lesion if read."""
+        return [part for part in ("image", "lesion") if part in self.parts]
+
+    def lesion_features(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
+                        patient_numerical_values=None, patient_categorical_ids=None, patient_index=None) -> dict[str, torch.Tensor]:
+        """The head's parts but the context, one row per lesion: `{"image": (N, ·), "lesion": ..., "patient": ...}`
+        (only those in `config.classifier_features`), plus `patient_index` (N,) and `num_patients`."""
+        slimp = self.slimp
+        patient_index, num_patients = slimp.check_inputs(pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                                         patient_numerical_values, patient_categorical_ids, patient_index)
+        projected = self.config.classifier_representation == "projection"
+        image = slimp.image_tower(pixel_values)[0]
+        features = {"image": slimp.visual_projection(image) if projected else image}
+        if "lesion" in self.parts:
+            lesion = slimp.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, pixel_values.shape[0])
+            features["lesion"] = slimp.lesion_metadata_projection(lesion) if projected else lesion
+        if "patient" in self.parts:
+            patient = slimp.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients)
+            features["patient"] = (slimp.patient_metadata_projection(patient) if projected else patient)[patient_index]
+        return {**features, "patient_index": patient_index, "num_patients": num_patients}
+
+    def context_representation(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C) the representation the context compares: concat of the image (+ lesion) parts."""
+        return torch.cat([features[part] for part in self.context_parts()], dim=-1)
+
+    def classify(self, features: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, num_labels) from `lesion_features` and, when the head reads it, the context (N, C)."""
+        inputs = []
+        for part in self.parts:
+            if part == "context":
+                if context is None:
+                    raise ValueError("this classifier reads the patient context: pass `context` (see PatientSums.context)")
+                inputs.append(context)
+            else:
+                inputs.append(features[part])
+        return self.classifier(self.dropout(torch.cat(inputs, dim=-1)))
 
     def forward(
         self,
@@ -359,30 +505,50 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         patient_categorical_ids: torch.Tensor | None = None,
         patient_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
-        """Returns `ImageClassifierOutput` with logits (N, num_labels) and, given labels (N,), the loss."""
-        num_lesions = pixel_values.shape[0]
-        features = [self.slimp.get_image_features(pixel_values)]  # (N, D)
-        if "lesion" in self.config.classifier_features.split("+"):
-            features.append(self.slimp.get_lesion_metadata_features(lesion_numerical_values, lesion_categorical_ids, num_lesions))
-        if "patient" in self.config.classifier_features.split("+"):
-            num_patients = _rows(patient_numerical_values, patient_categorical_ids) if patient_index is not None else None
-            patient_index, num_patients = _resolve_patients(patient_index, num_patients, num_lesions, pixel_values.device)
-            patient_features = self.slimp.get_patient_metadata_features(patient_numerical_values, patient_categorical_ids, num_patients)
-            features.append(patient_features[patient_index])  # (N, D)
-        logits = self.classifier(self.dropout(torch.cat(features, dim=-1)))  # (N, num_labels)
-        loss = None
-        if labels is not None:
-            weight = None
-            if self.config.class_weights is not None:
-                weight = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
-            loss = F.cross_entropy(logits.float(), labels.long(), weight=weight.float() if weight is not None else None)
+        """Returns `ImageClassifierOutput` with logits (N, num_labels) and, given labels (N,), the loss.
+
+        The loss is the class-weighted cross-entropy summed over the labelled lesions (label -100: none)
+        and divided by `num_items_in_batch` when given (what `transformers.Trainer` passes under gradient
+        accumulation: the labelled lesions of all the accumulated batches), else by this batch's count, so
+        k accumulated batches give exactly the gradient of one batch k times larger. A batch without any
+        labelled lesion has loss 0.
+        """
+        features = self.lesion_features(pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                        patient_numerical_values, patient_categorical_ids, patient_index)
+        context = None
+        if "context" in self.parts:
+            representation = self.context_representation(features)
+            sums = PatientSums(features["num_patients"], representation.shape[-1], device=representation.device,
+                               dtype=representation.dtype).add(representation, features["patient_index"])
+            context = sums.context(representation, features["patient_index"])
+        logits = self.classify(features, context)  # (N, num_labels)
+        loss = self.classification_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                            num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Class-weighted cross-entropy sum over labelled lesions / `num_items_in_batch` (see `forward`)."""
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(f"labels must have shape ({logits.shape[0]},), one per lesion, got {tuple(labels.shape)}.")
+        labels = labels.long()
+        labelled = labels != -100
+        per_lesion = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+        if self.config.class_weights is not None:
+            weight = torch.tensor(self.config.class_weights, dtype=torch.float32, device=logits.device)
+            per_lesion = per_lesion * weight[labels.clamp(min=0)]
+        total = torch.where(labelled, per_lesion, torch.zeros_like(per_lesion)).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
+        if torch.is_tensor(count):
+            return total / count.to(total.device, total.dtype).clamp(min=1)
+        return total / max(int(count), 1)
 
 
 SLIMPConfig.register_for_auto_class("AutoConfig")
 SLIMPModel.register_for_auto_class("AutoModel")
 SLIMPForLesionClassification.register_for_auto_class("AutoModelForImageClassification")
 
-__all__ = ["SLIMPOutput", "SLIMPPreTrainedModel", "SLIMPModel", "SLIMPForLesionClassification", "SLIMPAttentionPooling"]
+__all__ = ["SLIMPOutput", "SLIMPPreTrainedModel", "SLIMPModel", "SLIMPForLesionClassification", "SLIMPAttentionPooling",
+           "resolve_patients"]

@@ -1,65 +1,42 @@
-"""SLIMPProcessor: raw rows + PIL images -> the model's batch, and fitting of the metadata schema.
+"""SLIMPProcessor: images + raw metadata rows -> the model's batch; schema fitting; the data collator.
 
 Rows use the dataset's own column names and category strings (ISIC: `age_approx`, `sex`,
 `anatom_site_general`, `tbp_lv_*`, ...) and carry `patient_id`. Lesions are grouped by patient: the
 batch gets one row of patient metadata per distinct patient (in order of first appearance), taken from
-the first non-missing value among that patient's rows, and `patient_index` maps each lesion to it.
+the first present value among that patient's rows, and `patient_index` maps each lesion to it.
 
 The schema (feature names, category vocabularies, normalisation statistics) lives in the model config
-(`SLIMPConfig.lesion_metadata_config` / `patient_metadata_config`); the processor reads the same object.
-Image preprocessing is a built-in transformers image processor (`preprocessor_config.json`).
+(`SLIMPConfig.lesion_metadata_config` / `patient_metadata_config`, i.e. `config.json`); the processor
+reads that same object, and `processor_config.json` holds only the processor's class and the image
+processor's settings. Image preprocessing is a built-in transformers image processor
+(`preprocessor_config.json`), so `pipeline(...)` and the Hub widget need no custom code for it.
+
+Metadata is encoded column by column (numbers as one tensor, categories through a lookup of each distinct
+value), never value by value; missing values and category spellings follow `schema_slimp`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, BatchFeature, ViTImageProcessorPil
+from torch.utils.data import Dataset
+from transformers import AutoImageProcessor, BatchFeature, ProcessorMixin, ViTImageProcessorPil
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
+from .schema_slimp import PATIENT_COLUMN, as_category, factorize, is_missing, near_equal_chunks, parse_number, rows_by_patient
 
 logger = logging.getLogger(__name__)
 
-PATIENT_COLUMN = "patient_id"
-_MISSING_STRINGS = {"", "nan", "none", "null", "na", "n/a", "unk", "unknown"}
 
-
-def _columns(metadata: Any) -> dict[str, list]:
-    """Rows as columns: a pandas DataFrame, a dict of lists (a `datasets` batch) or a list of dicts."""
-    if hasattr(metadata, "to_dict") and hasattr(metadata, "columns"):  # pandas.DataFrame
-        return {str(k): list(v) for k, v in metadata.to_dict(orient="list").items()}
-    if isinstance(metadata, Mapping):
-        return {str(k): list(v) for k, v in metadata.items()}
-    rows = list(metadata)
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    return {key: [row.get(key) for row in rows] for key in keys}
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in _MISSING_STRINGS
-
-
-def _as_category(value: Any) -> str | None:
-    """Category string of a raw value; None when missing. 1.0 and 1 both become '1'."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
-
-
-def _to_rgb(image):
-    """Any PIL image (L, LA, P, RGBA, I;16, F, ...) -> 8-bit RGB."""
+# ----- images -----
+def to_rgb(image):
+    """Any PIL image (L, LA, P, RGBA, I;16, F, ...) -> 8-bit RGB; 16-bit and float images are stretched to 0-255."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         extrema = image.getextrema()
         low, high = float(extrema[0]), float(extrema[1])
@@ -68,8 +45,109 @@ def _to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class SLIMPProcessor:
-    """Turns images and raw metadata rows into `SLIMPModel` inputs.
+def load_image(value: Any):
+    """One image of any accepted kind -> RGB PIL image: a PIL image, a `datasets` image dict (`bytes`/`path`),
+    encoded bytes, a file path, or an (H, W[, C]) / (C, H, W) numpy array or torch tensor (uint8, or float in [0, 1])."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path")):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") is not None else Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    elif torch.is_tensor(value) or hasattr(value, "__array_interface__"):
+        from transformers.image_transforms import to_pil_image
+
+        array = value.detach().cpu() if torch.is_tensor(value) else value
+        image = to_pil_image(array.numpy() if torch.is_tensor(array) else array)
+    else:
+        raise TypeError(f"cannot read an image from a {type(value).__name__}; give PIL images, numpy arrays, torch "
+                        "tensors, encoded bytes, file paths or `datasets` image dicts")
+    image.load()  # PIL decodes lazily: fail here, where the caller can name the image
+    return to_rgb(image)
+
+
+def _image_list(images: Any) -> list:
+    """A single image, a batch tensor (N, C, H, W), or any iterable of images (list, `datasets` column) -> list."""
+    if isinstance(images, (str, bytes, bytearray, os.PathLike, Mapping)) or hasattr(images, "getbands"):  # PIL
+        return [images]
+    if torch.is_tensor(images) or hasattr(images, "__array_interface__"):
+        return list(images) if len(images.shape) == 4 else [images]
+    return list(images)
+
+
+# ----- metadata columns -----
+def _columns(metadata: Any) -> dict[str, Any]:
+    """Rows as columns: a pandas DataFrame, a dict of lists (a `datasets` batch) or a list of dicts."""
+    if hasattr(metadata, "columns") and hasattr(metadata, "iloc"):  # pandas.DataFrame: keep its column arrays
+        return {str(name): metadata[name].to_numpy() for name in metadata.columns}
+    if isinstance(metadata, Mapping):
+        return {str(key): value for key, value in metadata.items()}
+    rows = list(metadata)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+def _num_rows(columns: Mapping[str, Any]) -> int:
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"metadata columns differ in length: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+def _numbers(values: Sequence) -> tuple[torch.Tensor, list]:
+    """A column -> ((N,) float32 tensor, NaN = missing or unparseable; the unparseable raw values)."""
+    try:  # numeric arrays and lists of floats: one C-level conversion
+        numbers = torch.tensor(values if not isinstance(values, tuple) else list(values), dtype=torch.float64)
+        return torch.where(torch.isfinite(numbers), numbers, torch.nan).to(torch.float32), []
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    parsed, invalid = [], []
+    for value in values:
+        number, ok = parse_number(value)
+        parsed.append(number)
+        if not ok:
+            invalid.append(value)
+    return torch.tensor(parsed, dtype=torch.float32), invalid
+
+
+def _category_ids(values: Sequence, vocabulary: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A column -> ((N,) long ids, 0 = missing/unknown; (N,) bool present; {raw value: category} of unknowns).
+
+    Each distinct raw value is cleaned once (`as_category`), then rows are looked up."""
+    ids = {category: index + 1 for index, category in enumerate(vocabulary)}
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    lookup: dict = {}
+    unknown: dict = {}
+    for value in set(map(_hashable, values)):
+        category = as_category(value)
+        lookup[value] = (ids.get(category, 0), category is not None)
+        if category is not None and category not in ids:
+            unknown[value] = category
+    encoded = [lookup[_hashable(value)] for value in values]
+    return (torch.tensor([code for code, _ in encoded], dtype=torch.long),
+            torch.tensor([present for _, present in encoded], dtype=torch.bool), unknown)
+
+
+def _hashable(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _first_present(present: torch.Tensor, patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
+    """(P,) row of each patient's first present value, or -1 when the patient has none."""
+    rows = present.shape[0]
+    key = torch.where(present, torch.arange(rows), torch.full((rows,), rows))
+    first = torch.full((num_patients,), rows).scatter_reduce(0, patient_index, key, "amin")
+    return torch.where(first < rows, first, torch.full_like(first, -1))
+
+
+class SLIMPProcessor(ProcessorMixin):
+    """Turns images and raw metadata rows into `SLIMPModel` inputs (a transformers `ProcessorMixin`).
 
     Args:
         image_processor: a built-in transformers image processor (default: ViT-style resize + normalise
@@ -79,91 +157,136 @@ class SLIMPProcessor:
     `processor(images=[...], metadata=rows, return_tensors="pt")` returns a `BatchFeature` with
     `pixel_values` (N, 3, H, W), `lesion_numerical_values` (N, Fn) float (NaN = missing),
     `lesion_categorical_ids` (N, Fc) long (0 = missing/unknown), `patient_numerical_values` (P, Gn),
-    `patient_categorical_ids` (P, Gc) and `patient_index` (N,). `metadata=None` gives `pixel_values` only.
+    `patient_categorical_ids` (P, Gc) and `patient_index` (N,). Images may be PIL images, numpy arrays,
+    torch tensors, encoded bytes, paths, or a list / `datasets` column of those; rows a pandas DataFrame,
+    a dict of columns or a list of dicts. `metadata=None` gives `pixel_values` only.
 
     Unknown categories map to 0 and are counted in `unknown_categories` (a Counter of (feature, value));
-    unparseable numbers become NaN and are counted in `invalid_numbers`.
+    present values that are not numbers become NaN and are counted in `invalid_numbers`.
+    `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns this class.
     """
 
-    def __init__(self, image_processor=None, config: SLIMPConfig | None = None):
-        self.config = config if config is not None else SLIMPConfig()
+    def __init__(self, image_processor=None, config: SLIMPConfig | None = None, **kwargs):
+        config = config if config is not None else SLIMPConfig()
         if image_processor is None:
-            size = getattr(self.config.vision_config, "image_size", 224)
+            size = getattr(config.vision_config, "image_size", 224)
             image_processor = ViTImageProcessorPil(size={"height": size, "width": size})
-        self.image_processor = image_processor
+        super().__init__(image_processor=image_processor, **kwargs)
+        self.config = config
         self.unknown_categories: Counter = Counter()
         self.invalid_numbers: Counter = Counter()
         self._warned_absent: set[str] = set()
 
     # ----- persistence -----
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write `preprocessor_config.json`, this file, and `config.json` (the schema) unless a model put one there.
+    def to_dict(self) -> dict[str, Any]:
+        """The processor's settings; the schema is not repeated here (it is the model's `config.json`)."""
+        output = super().to_dict()
+        for key in ("config", "unknown_categories", "invalid_numbers", "_warned_absent"):
+            output.pop(key, None)
+        if isinstance(output.get("image_processor"), dict):  # a built-in image processor: no custom-code auto_map
+            output["image_processor"].pop("auto_map", None)
+        return output
 
-        An existing `config.json` must hold the same metadata schema: a mismatch raises instead of
-        leaving a processor and a model that disagree.
-        """
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+        """Write `processor_config.json` (with the `auto_map` of AutoProcessor), `preprocessor_config.json`
+        (the built-in image processor), the code files, and `config.json` (the schema) unless a model put
+        one there. An existing `config.json` must hold the same metadata schema: a mismatch raises instead
+        of leaving a processor and a model that disagree."""
         os.makedirs(save_directory, exist_ok=True)
-        self.image_processor.save_pretrained(save_directory, **kwargs)
-        # The code travels with the folder, as the model's does, for users without this package.
-        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
         config_file = os.path.join(save_directory, "config.json")
+        if os.path.exists(config_file):
+            saved = SLIMPConfig.from_pretrained(save_directory)
+            for key in ("lesion_metadata_config", "patient_metadata_config"):
+                if _schema(getattr(saved, key)) != _schema(getattr(self.config, key)):
+                    raise ValueError(
+                        f"{config_file} holds a different {key} schema than this processor; save the processor next to "
+                        "the model it was built for, or into an empty folder."
+                    )
+        files = super().save_pretrained(save_directory, **kwargs)
+        # ProcessorMixin marks every sub-processor with the AutoProcessor auto_map; the image processor is a
+        # built-in one and its preprocessor_config.json must stay loadable without custom code.
+        self.image_processor.__dict__.pop("auto_map", None)
+        self.image_processor.save_pretrained(save_directory)
+        # The code travels with the folder, as the model's does, for users without this package.
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in ("processing_slimp.py", "configuration_slimp.py", "schema_slimp.py"):
+            shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
         if not os.path.exists(config_file):
             self.config.save_pretrained(save_directory)
-            return
-        saved = SLIMPConfig.from_pretrained(save_directory)
-        for key in ("lesion_metadata_config", "patient_metadata_config"):
-            if _schema(getattr(saved, key)) != _schema(getattr(self.config, key)):
-                raise ValueError(
-                    f"{config_file} holds a different {key} schema than this processor; save the processor next to "
-                    "the model it was built for, or into an empty folder."
-                )
+        return files
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "SLIMPProcessor":
-        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        config = SLIMPConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """The image processor of `preprocessor_config.json` and the schema of `config.json`."""
+        hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs}
+        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub)
+        config = SLIMPConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         return cls(image_processor=image_processor, config=config)
 
     # ----- encoding -----
-    def __call__(self, images=None, metadata=None, return_tensors: str | None = "pt") -> BatchFeature:
+    def __call__(self, images=None, metadata=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         data: dict[str, Any] = {}
+        count = None
         if images is not None:
-            images = [images] if not isinstance(images, (list, tuple)) else list(images)
+            images = _image_list(images)
+            count = len(images)
             data["pixel_values"] = self.preprocess_images(images)
         if metadata is not None:
             encoded = self.encode_metadata(metadata)
-            if images is not None and encoded["lesion_numerical_values"].shape[0] != len(images):
-                raise ValueError(
-                    f"Got {len(images)} images but {encoded['lesion_numerical_values'].shape[0]} metadata rows; "
-                    "give one row per image."
-                )
+            rows = encoded["lesion_numerical_values"].shape[0]
+            if count is not None and rows != count:
+                raise ValueError(f"Got {count} images but {rows} metadata rows; give one row per image.")
             data.update(encoded)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def preprocess_images(self, images: Sequence) -> torch.Tensor:
-        """PIL images of any mode and size -> (N, 3, H, W) float."""
-        rgb = [_to_rgb(image) for image in images]
+    def preprocess_images(self, images: Iterable) -> torch.Tensor:
+        """Images of any accepted kind, mode and size -> (N, 3, H, W) float, resized and normalised."""
+        rgb = []
+        for position, image in enumerate(_image_list(images)):
+            try:
+                rgb.append(load_image(image))
+            except (OSError, ValueError, SyntaxError) as error:
+                raise ValueError(f"image {position}: cannot be read ({error})") from error
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
+    @property
+    def image_mean(self) -> list[float]:
+        return list(self.image_processor.image_mean) if self.image_processor.do_normalize else [0.0, 0.0, 0.0]
+
+    @property
+    def image_std(self) -> list[float]:
+        return list(self.image_processor.image_std) if self.image_processor.do_normalize else [1.0, 1.0, 1.0]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 (or float in [0, 255]) images, already at the model's size -> the model's
+        `pixel_values`: the image processor's rescale and normalisation, as one tensor operation (on any device)."""
+        scale = float(self.image_processor.rescale_factor) if self.image_processor.do_rescale else 1.0
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.float() * scale - mean) / std
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the image processor resizes to."""
+        size = self.image_processor.size
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if height and width:
+            return int(height), int(width)
+        edge = getattr(size, "shortest_edge", None) or getattr(self.config.vision_config, "image_size", 224)
+        return int(edge), int(edge)
+
     def encode_metadata(self, metadata) -> dict[str, torch.Tensor]:
-        """Raw rows (DataFrame, dict of lists, list of dicts) -> the metadata tensors and patient_index."""
+        """Raw rows (DataFrame, dict of columns, list of dicts) -> the metadata tensors and `patient_index`."""
         columns = _columns(metadata)
-        num_rows = len(next(iter(columns.values()))) if columns else 0
-        features = self.config.lesion_metadata_config.feature_names + self.config.patient_metadata_config.feature_names
-        absent = [f for f in features if f not in columns and f not in self._warned_absent]
+        num_rows = _num_rows(columns)
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        absent = [f for f in lesion.feature_names + patient.feature_names if f not in columns and f not in self._warned_absent]
         if absent:
             self._warned_absent.update(absent)
             logger.warning("metadata has no column(s) %s: treated as missing.", ", ".join(absent))
-        patient_keys = self._patient_keys(columns, num_rows)
-        first_row: dict[Any, int] = {}
-        for row, key in enumerate(patient_keys):
-            first_row.setdefault(key, row)
-        patient_of = {key: index for index, key in enumerate(first_row)}
-        patient_index = torch.tensor([patient_of[key] for key in patient_keys], dtype=torch.long)
-        lesion_numerical, lesion_categorical = self._encode(self.config.lesion_metadata_config, columns, num_rows)
-        # Patient-level: the first non-missing value among each patient's rows.
-        patient_rows = _first_present_per_patient(columns, self.config.patient_metadata_config.feature_names, patient_keys, first_row)
-        patient_numerical, patient_categorical = self._encode(self.config.patient_metadata_config, patient_rows, len(first_row))
+        patient_index, num_patients = self._patient_index(columns, num_rows)
+        lesion_numerical, lesion_categorical = self._encode(lesion, columns, num_rows)
+        patient_numerical, patient_categorical = self._encode(patient, columns, num_rows, patient_index, num_patients)
         return {
             "lesion_numerical_values": lesion_numerical,
             "lesion_categorical_ids": lesion_categorical,
@@ -172,47 +295,53 @@ class SLIMPProcessor:
             "patient_index": patient_index,
         }
 
-    def _patient_keys(self, columns: dict[str, list], num_rows: int) -> list:
+    def _patient_index(self, columns: dict[str, Any], num_rows: int) -> tuple[torch.Tensor, int]:
         if PATIENT_COLUMN not in columns:
             if PATIENT_COLUMN not in self._warned_absent:
                 self._warned_absent.add(PATIENT_COLUMN)
                 logger.warning("metadata has no column '%s': every lesion is treated as its own patient.", PATIENT_COLUMN)
-            return [("row", row) for row in range(num_rows)]
-        keys = columns[PATIENT_COLUMN]
+            return torch.arange(num_rows), num_rows
+        keys = list(columns[PATIENT_COLUMN])
         for row, key in enumerate(keys):
-            if _is_missing(key):
+            if is_missing(key):
                 raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
-        return [str(key) for key in keys]
+        codes, patients = factorize(str(key) for key in keys)
+        return torch.tensor(codes, dtype=torch.long), len(patients)
 
-    def _encode(self, config: SLIMPMetadataConfig, columns: dict[str, list], num_rows: int):
-        numerical = torch.full((num_rows, config.num_numerical), float("nan"))
+    def _encode(self, config: SLIMPMetadataConfig, columns: dict[str, Any], num_rows: int,
+                patient_index: torch.Tensor | None = None, num_patients: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, Fn) numbers and (rows, Fc) ids: one row per lesion, or with `patient_index` one per patient
+        (the first present value among the patient's rows)."""
+        rows = num_rows if patient_index is None else num_patients
+        numerical = torch.full((rows, config.num_numerical), float("nan"))
         for j, feature in enumerate(config.numerical_features):
             if feature not in columns:
                 continue
-            numerical[:, j] = torch.tensor([self._number(feature, value) for value in columns[feature]], dtype=torch.float32)
-        categorical = torch.zeros((num_rows, config.num_categorical), dtype=torch.long)
+            values, invalid = _numbers(columns[feature])
+            self.invalid_numbers.update((feature, str(value)) for value in invalid)
+            if patient_index is None:
+                numerical[:, j] = values
+            else:
+                first = _first_present(~torch.isnan(values), patient_index, rows)
+                numerical[:, j] = torch.where(first >= 0, values[first.clamp(min=0)], torch.nan)
+        categorical = torch.zeros((rows, config.num_categorical), dtype=torch.long)
         for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
             if feature not in columns:
                 continue
-            ids = {category: index + 1 for index, category in enumerate(vocabulary)}
-            for row, value in enumerate(columns[feature]):
-                category = _as_category(value)
-                if category is None:
-                    continue
-                if category not in ids:
-                    self.unknown_categories[(feature, category)] += 1
-                categorical[row, j] = ids.get(category, 0)
+            raw = columns[feature]
+            ids, present, unknown = _category_ids(raw, vocabulary)
+            chosen = torch.arange(num_rows)
+            if patient_index is not None:
+                first = _first_present(present, patient_index, rows)
+                chosen = first[first >= 0]
+                categorical[:, j] = torch.where(first >= 0, ids[first.clamp(min=0)], 0)
+            else:
+                categorical[:, j] = ids
+            if unknown:  # count the unknown categories that were read (patient level: the chosen rows only)
+                raw_values = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+                for row in chosen[(ids[chosen] == 0) & present[chosen]].tolist():
+                    self.unknown_categories[(feature, unknown[_hashable(raw_values[row])])] += 1
         return numerical, categorical
-
-    def _number(self, feature: str, value: Any) -> float:
-        if _is_missing(value):
-            return float("nan")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.invalid_numbers[(feature, str(value))] += 1
-            return float("nan")
-        return number if math.isfinite(number) else float("nan")
 
     # ----- schema fitting -----
     @staticmethod
@@ -226,26 +355,27 @@ class SLIMPProcessor:
         lesion_tower: Mapping[str, Any] | None = None,
         patient_tower: Mapping[str, Any] | None = None,
     ) -> tuple[SLIMPMetadataConfig, SLIMPMetadataConfig]:
-        """Fit the lesion and patient schemas on training rows (a DataFrame, dict of lists or list of dicts).
+        """Fit the lesion and patient schemas on training rows (a DataFrame, dict of columns or list of dicts).
 
         Numerical features get the mean and std of their present values (lesion features over lesions,
         patient features over patients, one value per patient); categorical features get the categories
-        seen at least `min_category_count` times, most frequent first. `lesion_tower` / `patient_tower`
-        hold tower sizes (hidden_size, num_hidden_layers, ...). Returns `(lesion_config, patient_config)`.
+        seen at least `min_category_count` times, most frequent first. A feature with no usable value is
+        left out, with a warning. `lesion_tower` / `patient_tower` hold tower sizes (hidden_size,
+        num_hidden_layers, ...). Returns `(lesion_config, patient_config)`.
         """
         columns = _columns(metadata)
-        num_rows = len(next(iter(columns.values()))) if columns else 0
-        missing = [c for c in [*lesion_numerical, *lesion_categorical, *patient_numerical, *patient_categorical] if c not in columns]
+        num_rows = _num_rows(columns)
+        wanted = [*lesion_numerical, *lesion_categorical, *patient_numerical, *patient_categorical]
+        missing = [c for c in wanted if c not in columns]
         if missing:
             raise ValueError(f"fit_metadata_schema: metadata has no column(s) {missing}; columns are {sorted(columns)}.")
-        if patient_numerical or patient_categorical:
-            keys = [str(k) for k in columns.get(PATIENT_COLUMN, range(num_rows))]
-            first_row: dict[Any, int] = {}
-            for row, key in enumerate(keys):
-                first_row.setdefault(key, row)
-            patient_columns = _first_present_per_patient(columns, [*patient_numerical, *patient_categorical], keys, first_row)
-        else:
-            patient_columns = {}
+        keys = [str(k) for k in columns[PATIENT_COLUMN]] if PATIENT_COLUMN in columns else list(range(num_rows))
+        groups = rows_by_patient(keys)
+        patient_columns = {}  # one value per patient: the first present one among its rows
+        for feature in [*patient_numerical, *patient_categorical]:
+            raw = columns[feature]
+            values = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+            patient_columns[feature] = [next((values[r] for r in rows if not is_missing(values[r])), None) for rows in groups]
         lesion = _fit_tower(columns, list(lesion_numerical), list(lesion_categorical), min_category_count, lesion_tower)
         patient = _fit_tower(patient_columns, list(patient_numerical), list(patient_categorical), min_category_count, patient_tower)
         return lesion, patient
@@ -255,47 +385,26 @@ def _schema(config: SLIMPMetadataConfig) -> tuple:
     return (config.numerical_features, config.categorical_features, config.numerical_mean, config.numerical_std)
 
 
-def _first_present_per_patient(columns: dict[str, list], features: Iterable[str], patient_keys: list, first_row: dict) -> dict[str, list]:
-    """One value per patient (ordered as `first_row`) per feature: the first non-missing one."""
-    order = {key: index for index, key in enumerate(first_row)}
-    result: dict[str, list] = {}
-    for feature in features:
-        if feature not in columns:
-            continue
-        values: list = [None] * len(order)
-        for key, value in zip(patient_keys, columns[feature]):
-            slot = order[key]
-            if values[slot] is None and not _is_missing(value):
-                values[slot] = value
-        result[feature] = values
-    return result
-
-
-def _fit_tower(columns: dict[str, list], numerical: list[str], categorical: list[str], min_count: int,
+def _fit_tower(columns: dict[str, Any], numerical: list[str], categorical: list[str], min_count: int,
                tower: Mapping[str, Any] | None) -> SLIMPMetadataConfig:
     """A feature with no present value in the training rows carries nothing to learn: it is left out
     of the schema, with a warning, rather than failing the fit (a column full of NaN is common)."""
     kept_numerical, means, stds, empty = [], [], [], []
     for feature in numerical:
-        present = []
-        for value in columns[feature]:
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(number):
-                present.append(number)
-        if not present:
+        values, _ = _numbers(columns[feature])
+        present = values[~torch.isnan(values)].double()
+        if len(present) == 0:
             empty.append(feature)
             continue
-        values = torch.tensor(present, dtype=torch.float64)
-        std = float(values.std(unbiased=False)) if len(present) > 1 else 1.0
+        std = float(present.std(unbiased=False)) if len(present) > 1 else 1.0
         kept_numerical.append(feature)
-        means.append(float(values.mean()))
+        means.append(float(present.mean()))
         stds.append(std if std > 1e-12 else 1.0)
     vocabularies = {}
     for feature in categorical:
-        counts = Counter(c for c in (_as_category(v) for v in columns[feature]) if c is not None)
+        raw = columns[feature]
+        counts = Counter(as_category(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw))
+        counts.pop(None, None)
         kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
         if kept:
             vocabularies[feature] = kept
@@ -310,4 +419,63 @@ def _fit_tower(columns: dict[str, list], numerical: list[str], categorical: list
     )
 
 
-__all__ = ["SLIMPProcessor"]
+# ----- batches for transformers.Trainer -----
+class PatientChunks(Dataset):
+    """A dataset of whole patients: item i is the list of rows of one patient, or of one near-equal chunk
+    of at most `max_lesions_per_patient` lesions of a larger one (`schema_slimp.near_equal_chunks`).
+
+    Give it to `transformers.Trainer` with `SLIMPDataCollator` when the classifier reads the patient
+    context: a batch of `per_device_train_batch_size` items is then that many (chunks of) patients, so
+    each lesion's context compares it with its own patient's other lesions.
+
+    Args:
+        dataset: rows indexable by position (`datasets.Dataset`, list of dicts).
+        patient_ids: (N,) patient of each row (default `dataset["patient_id"]`).
+        max_lesions_per_patient: K; None keeps every patient whole.
+    """
+
+    def __init__(self, dataset, patient_ids: Sequence | None = None, max_lesions_per_patient: int | None = None):
+        self.dataset = dataset
+        patient_ids = list(dataset[PATIENT_COLUMN] if patient_ids is None else patient_ids)
+        self.chunks: list[list[int]] = []
+        for rows in rows_by_patient(patient_ids):
+            self.chunks += near_equal_chunks(rows, max_lesions_per_patient) if max_lesions_per_patient else [rows]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        rows = self.chunks[index]
+        if hasattr(self.dataset, "select"):  # datasets.Dataset: one read for the chunk
+            return list(self.dataset.select(rows))
+        return [self.dataset[row] for row in rows]
+
+
+class SLIMPDataCollator:
+    """`transformers.Trainer`'s `data_collator` for SLIMP: dataset rows -> a model batch with `labels`.
+
+    Rows are dicts with the image (`image_column`), the raw metadata columns, `patient_id` and the label
+    (`label_column`, optional); items may also be lists of rows (`PatientChunks`), which are flattened.
+    With a plain `datasets.Dataset`, pass `remove_unused_columns=False` to `TrainingArguments`: Trainer
+    would otherwise drop the image and metadata columns before they reach the collator.
+
+    Returns a `BatchFeature` with the processor's keys and `labels` (N,) long when every row has a label.
+    """
+
+    def __init__(self, processor: SLIMPProcessor, image_column: str = "image", label_column: str = "label"):
+        self.processor = processor
+        self.image_column, self.label_column = image_column, label_column
+
+    def __call__(self, items: Sequence) -> BatchFeature:
+        rows = [row for item in items for row in (item if isinstance(item, (list, tuple)) else [item])]
+        images = [row[self.image_column] for row in rows]
+        metadata = [{k: v for k, v in row.items() if k != self.image_column} for row in rows]
+        batch = self.processor(images=images, metadata=metadata, return_tensors="pt")
+        if rows and all(row.get(self.label_column) is not None for row in rows):
+            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        return batch
+
+
+SLIMPProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["SLIMPProcessor", "SLIMPDataCollator", "PatientChunks", "to_rgb", "load_image"]

@@ -10,7 +10,7 @@ import pytest
 
 from tests._eval_fixtures import relabelled_dataset, tiny_data_and_checkpoint
 from training import evaluate
-from training.features import FEATURE_SETS
+from training.probe import FEATURE_SETS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RANGES = {"auroc": (0.0, 1.0), "pauc_80tpr": (0.0, 0.2), "balanced_accuracy": (0.0, 1.0)}
@@ -102,12 +102,14 @@ def test_evaluate_features_sanity():
         image = rng.normal(size=(n, 16))
         labels = (image[:, 0] > 0.3).astype(int)
         metadata = image + 0.05 * rng.normal(size=image.shape)
+        codes = np.arange(n) // 4  # 4 lesions per patient
         return {"image": image, "lesion_metadata": metadata, "patient_metadata": rng.normal(size=(n, 16)),
-                "phenotype": rng.normal(size=(n, 16)), "labels": labels}
+                "phenotype": rng.normal(size=(n, 16)), "labels": labels, "patient_codes": codes,
+                "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
 
     features = {"train": split(200), "test": split(100)}
     results, curves = evaluate.evaluate_features(features, "train", ["test"], ["benign", "malignant"], seeds=[0, 1, 2],
-                                                 shots=[1, 10, 1000])
+                                                 shots=[1, 10, 1000], representation="projection")
     retrieval = results["retrieval"]["test"]
     assert retrieval["image_to_metadata_recall@1"] > 0.9 > 10 * retrieval["chance_recall@1"]
     assert retrieval["metadata_to_image_recall@1"] > 0.9
@@ -124,12 +126,14 @@ def test_evaluate_features_multiclass():
     def split(n):
         image = rng.normal(size=(n, 8))
         labels = np.digitize(image[:, 0], [-0.4, 0.4])  # 0, 1, 2
+        codes = np.arange(n) // 3
         return {"image": image, "lesion_metadata": rng.normal(size=(n, 8)), "patient_metadata": rng.normal(size=(n, 8)),
-                "phenotype": rng.normal(size=(n, 8)), "labels": labels}
+                "phenotype": rng.normal(size=(n, 8)), "labels": labels, "patient_codes": codes,
+                "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
 
     features = {"train": split(300), "test": split(150)}
     results, curves = evaluate.evaluate_features(features, "train", ["test"], ["a", "b", "c"], seeds=[0], shots=[20],
-                                                 positive_class=2)
+                                                 positive_class=2, representation="projection")
     probe = results["linear_probe"]["test"]["image"]
     assert probe["auroc"]["mean"] > 0.9 and probe["balanced_accuracy"]["mean"] > 0.7
     assert 0.1 < probe["pauc_80tpr"]["mean"] <= 0.2  # class 2 vs rest, well separated

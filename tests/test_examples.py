@@ -19,8 +19,8 @@ from transformers import AutoModelForImageClassification
 
 from _synthetic_fixtures import REPO, synthetic  # noqa: F401
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
-from training.data import load_slimp_dataset
-from training.synthetic import generate_records
+from training.data.dataset import load_slimp_dataset
+from training.data.synthetic import generate_records
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

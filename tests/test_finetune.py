@@ -24,8 +24,8 @@ from _synthetic_fixtures import TRAIN_FAST, synthetic  # noqa: F401
 from conftest import tiny_config
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
 from training import finetune
-from training.collate import SLIMPCollator
-from training.data import load_slimp_dataset
+from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.dataset import load_slimp_dataset
 
 RUNS = {"linear": ["--mode", "linear"], "full": ["--mode", "full"], "lora": ["--mode", "lora"],
         "lora-merged": ["--mode", "lora", "--merge"]}
@@ -53,7 +53,8 @@ def initial_classifier(synthetic, model_args) -> SLIMPForLesionClassification:  
 def lesion_batch(synthetic, folder: Path) -> dict:  # noqa: F811
     """20 lesions of the test split (several patients), through the saved folder's processor."""
     test, _ = load_slimp_dataset(synthetic.dataset_dir, "test")
-    batch = SLIMPCollator(SLIMPProcessor.from_pretrained(folder), train=False)([test[i] for i in range(0, 40, 2)])
+    processor = SLIMPProcessor.from_pretrained(folder)
+    batch = BatchTransform(processor)(SLIMPCollator(processor, train=False)([test[i] for i in range(0, 40, 2)]))
     batch.pop("labels")
     return dict(batch)
 
@@ -107,9 +108,10 @@ def test_results_hold_finite_metrics_for_validation_and_test(run):
     results = json.loads((run["output_dir"] / "results.json").read_text())
     for split in ("validation", "test"):
         metrics = results["classification"][split]
-        assert set(metrics) == {"auroc", "pauc_80tpr", "balanced_accuracy"}
+        assert set(metrics) == {"auroc", "pauc_80tpr", "balanced_accuracy", "top15_sensitivity"}
         assert all(math.isfinite(v) for v in metrics.values()), (split, metrics)
         assert 0 <= metrics["pauc_80tpr"] <= 0.2 + 1e-9 and 0 <= metrics["auroc"] <= 1
+        assert 0 <= metrics["top15_sensitivity"] <= 1
     assert results["classification"] == run["result"]["classification"]
     card = (run["output_dir"] / "README.md").read_text()
     assert "test AUROC" in card and f"value: {round(results['classification']['test']['auroc'], 4)}" in card

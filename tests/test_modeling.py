@@ -382,7 +382,10 @@ def test_class_weights_weight_the_loss():
     labels = torch.tensor([0, 1, 1, 2, 0, 2, 1])
     out, out_plain = weighted(**batch, labels=labels), plain(**batch, labels=labels)
     torch.testing.assert_close(out.logits, out_plain.logits)  # same seed, same weights
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels, weight=torch.tensor(weights)))
+    # Weighted sum over the lesions / their number (not / the weight sum): the normaliser does not depend on
+    # the batch's labels, so accumulated batches add up to the large batch (see test_gradient_accumulation...).
+    per_lesion = F.cross_entropy(out.logits, labels, reduction="none") * torch.tensor(weights)[labels]
+    torch.testing.assert_close(out.loss, per_lesion.sum() / len(labels))
     assert not torch.allclose(out.loss, out_plain.loss)
 
 

@@ -1,4 +1,4 @@
-"""Tests of training/prepare_data.py (and training/sources.py, training/data.py) on tiny files in the real layouts."""
+"""Tests of training/prepare_data.py (and training/data/sources.py, training/data/dataset.py) on tiny files in the real layouts."""
 
 import io
 import json
@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training import prepare_data
-from training.data import load_slimp_dataset, read_schema
-from training.prepare_data import DataError, main, split_patients
-from training.sources import InputError
+from training.data import convert as prepare_data
+from training.data.dataset import load_slimp_dataset, read_schema
+from training.data.convert import DataError, main, split_patients
+from training.data.sources import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 LEAKING = {"target", "iddx_full", "iddx_1", "mel_thick_mm", "mel_mitotic_index", "lesion_id", "biopsed",
@@ -335,7 +335,7 @@ def test_cli_subprocess(tmp_path):
 
 
 def test_synthetic_kaggle_layout_end_to_end(tmp_path):
-    synthetic = pytest.importorskip("training.synthetic")
+    synthetic = pytest.importorskip("training.data.synthetic")
     counts = synthetic.write_kaggle_layout(tmp_path / "kaggle", 3, seed=0, image_size=64)
     summary = convert("isic2024", str(tmp_path / "kaggle" / "train-metadata.csv"),
                       [str(tmp_path / "kaggle" / "train-image.hdf5")], tmp_path / "out")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from training import pretrain, prepare_data
-from training.sampler import PatientBatchSampler
+from training.data.sampler import PatientBatchSampler
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--image_size", "32", "--patients_per_batch", "3", "--max_lesions_per_patient", "4", "--num_workers", "0",
@@ -51,9 +51,10 @@ def test_resume_after_interruption_ends_with_the_uninterrupted_weights(dataset_d
     first = run(dataset_dir, interrupted, "--max_steps", "5", "--save_steps", "2", "--stop_after_steps", "3")
     assert first["global_step"] == 3
     assert not (interrupted / "model.safetensors").exists(), "an interrupted run must not publish a final model"
-    assert (interrupted / "checkpoints" / "step-0000003").is_dir()
+    checkpoints = interrupted.with_name("interrupted-checkpoints")  # beside the release folder, never inside it
+    assert (checkpoints / "step-0000003").is_dir() and not (interrupted / "checkpoints").exists()
     # Training went on past the checkpoint before dying: the resumed run must not see those steps' effects.
-    shutil.rmtree(interrupted / "checkpoints" / "step-0000003")
+    shutil.rmtree(checkpoints / "step-0000003")
     resumed = run(dataset_dir, interrupted, "--max_steps", "5", "--save_steps", "2", "--resume_from_checkpoint", "latest")
     assert resumed["global_step"] == 5
     assert [r["step"] for r in resumed["history"]] == [3, 4, 5], "resumed from step 2: steps 3-5 run once each"
@@ -62,7 +63,9 @@ def test_resume_after_interruption_ends_with_the_uninterrupted_weights(dataset_d
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(dataset_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    from training.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         run(dataset_dir, tmp_path / "out", "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "nowhere"))
 
 
@@ -127,7 +130,7 @@ def test_checkpoint_folder_holds_no_patient_or_image_identifier(dataset_dir, tmp
         leaked = [i for i in identifiers if i.encode() in content]
         assert not leaked, f"{path.relative_to(out)} contains identifiers {leaked[:3]}"
     card = (out / "README.md").read_text()
-    assert "library_name: transformers" in card and "pipeline_tag: image-classification" in card
+    assert "library_name: transformers" in card and "pipeline_tag: image-feature-extraction" in card
     assert "model-index" in card and "linear probe AUROC" in card
     assert "not a medical device" in card.lower()
 
@@ -185,7 +188,8 @@ def test_tensorboard_logs_each_loss_term(dataset_dir, tmp_path):
     run(dataset_dir, out, "--max_steps", "2", "--save_steps", "0", "--report_to", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = [p for p in out.rglob("events.out.tfevents.*")]
+    assert not list(out.rglob("events.out.tfevents.*")), "logs stay out of the release folder (it is what gets pushed)"
+    events = [p for p in out.with_name("tb-logs").rglob("events.out.tfevents.*")]
     assert events
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()

@@ -1,4 +1,4 @@
-"""Tests for training.sampler.PatientBatchSampler."""
+"""Tests for training.data.sampler.PatientBatchSampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from training.sampler import PatientBatchSampler
+from training.data.sampler import PatientBatchSampler
 
 
 def make_patient_ids(sizes: list[int], seed: int = 0) -> list[str]:
@@ -133,7 +133,7 @@ def test_include_malignant_puts_positives_in_every_chunk(caplog):
     labels = np.zeros(len(ids), dtype=int)
     p0 = [i for i, p in enumerate(ids) if p == "p000"]
     labels[p0[:2]] = 1  # two positives of p000: 8 negatives chunked 2 per chunk (K - 2)
-    with caplog.at_level(logging.WARNING, logger="training.sampler"):
+    with caplog.at_level(logging.WARNING, logger="training.data.sampler"):
         sampler = PatientBatchSampler(ids, 2, 4, labels=labels, include_malignant=True)
     assert "label-aware" in caplog.text
     batches = list(sampler)
@@ -148,7 +148,7 @@ def test_include_malignant_puts_positives_in_every_chunk(caplog):
 
 def test_include_malignant_is_off_by_default_and_needs_labels(caplog):
     ids = make_patient_ids(SIZES)
-    with caplog.at_level(logging.WARNING, logger="training.sampler"):
+    with caplog.at_level(logging.WARNING, logger="training.data.sampler"):
         PatientBatchSampler(ids, 2, 4, labels=[1] * len(ids))
     assert "label-aware" not in caplog.text
     with pytest.raises(ValueError, match="labels"):

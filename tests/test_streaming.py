@@ -1,4 +1,4 @@
-"""training/streaming.py: patient-grouped batches from a datasets stream, split between processes."""
+"""training/data/streaming.py: patient-grouped batches from a datasets stream, split between processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from training import prepare_data, pretrain
-from training.data import load_slimp_dataset
-from training.streaming import StreamingPatientBatches, patient_chunks
+from training.data.dataset import load_slimp_dataset
+from training.data.streaming import StreamingPatientBatches, patient_chunks
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_converted_splits_are_patient_contiguous(dataset_dir):
 def test_patient_chunks_split_long_patients_evenly():
     rows = [{"patient_id": p, "i": i} for i, p in enumerate("aaaaabbc")]
     chunks = list(patient_chunks(iter(rows), "patient_id", 2))
-    assert [len(c) for c in chunks] == [2, 2, 1, 2, 1]  # 5 lesions with K=2: 2 + 2 + 1
+    assert [len(c) for c in chunks] == [2, 2, 1, 2, 1]  # 5 lesions with K=2: 2 + 2 + 1 (near-equal, as the sampler)
     assert [r["i"] for c in chunks for r in c] == list(range(8))
 
 
@@ -56,7 +56,7 @@ def test_two_processes_get_disjoint_patients_and_every_lesion_once_per_epoch(dat
 
 
 def test_shards_are_cut_at_patient_boundaries_and_must_divide_between_processes(dataset_dir):
-    from training.data import patient_shard_ranges
+    from training.data.dataset import patient_shard_ranges
 
     assert patient_shard_ranges(list("aaaaabbbccdddddeef"), 4) == [(0, 5), (5, 10), (10, 15), (15, 18)]
     assert patient_shard_ranges(list("aaaaaaaaab"), 4) == [(0, 9), (9, 10)]  # fewer patients than shards

@@ -1,4 +1,4 @@
-"""Tests of the synthetic SLICE-3D-like generator (training/synthetic.py). Tiny: small images, few patients."""
+"""Tests of the synthetic SLICE-3D-like generator (training/data/synthetic.py). Tiny: small images, few patients."""
 
 import io
 import math
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training import synthetic
-from training.synthetic import (
+from training.data import synthetic
+from training.data.synthetic import (
     CSV_COLUMNS,
     SYNTHETIC_LESION_CATEGORICAL,
     SYNTHETIC_LESION_NUMERICAL,

@@ -1,37 +1,144 @@
-"""Checkpoint folders of a training run: `OUTPUT_DIR/checkpoints/step-0000200/` (accelerate state +
-`trainer_state.json`), the `latest` lookup for `--resume_from_checkpoint`, and rotation."""
+"""Checkpoints of a training run that can be trusted: `CHECKPOINT_DIR/step-0000200/` holds accelerate's
+state (model weights as safetensors, optimizer, scheduler, RNG), `trainer_state.json` (where the data
+order stands) and, written last, `manifest.json` with the sha256 of every file.
+
+A checkpoint is complete only with its manifest; loading checks every file against it, so a truncated
+file or bytes changed inside the weights are caught and named instead of loading garbage. `latest` falls
+back to the newest intact checkpoint, with a warning naming each bad one. A lost or damaged RNG state is
+an error (the resume would not be exact) unless the run accepts an inexact resume.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+RNG_PREFIX = "random_states_"
 
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those with `trainer_state.json`), oldest first."""
-    root = Path(output_dir) / "checkpoints"
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: names the folder, the file and what is wrong with it."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """sha256 and size of every file of the checkpoint, written atomically as the last file."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
+    partial = directory / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    partial.rename(directory / MANIFEST)
+
+
+def damaged_files(directory: Path) -> dict[str, str]:
+    """{file: what is wrong} for a checkpoint folder; empty when every file matches the manifest."""
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        return {MANIFEST: "missing (the checkpoint was never completed)"}
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return {MANIFEST: f"unreadable ({error})"}
+    problems = {}
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            problems[name] = "missing"
+        elif path.stat().st_size != expected["bytes"]:
+            problems[name] = f"{path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+        elif file_sha256(path) != expected["sha256"]:
+            problems[name] = "its content differs from the manifest (sha256 mismatch)"
+    return problems
+
+
+def checkpoint_dirs(checkpoint_dir: str | Path) -> list[Path]:
+    """Completed checkpoints (with `trainer_state.json` and a manifest), oldest first."""
+    root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()), key=lambda p: p.name)
+    done = [p for p in root.glob("step-*") if (p / STATE).is_file() and (p / MANIFEST).is_file()]
+    return sorted(done, key=lambda p: p.name)
 
 
-def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """None, the newest complete checkpoint for "latest" (None if there is none yet), or a given folder."""
+def find_checkpoint(checkpoint_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
+    """None, the newest intact checkpoint for "latest" (None if there is none yet), or a given folder.
+
+    Raises CheckpointError when "latest" finds checkpoints but none is intact, or a given folder is not
+    a complete checkpoint.
+    """
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
+        found = checkpoint_dirs(checkpoint_dir)
         if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s/checkpoints, starting fresh", output_dir)
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", checkpoint_dir)
             return None
-        return found[-1]
+        for candidate in reversed(found):
+            problems = {k: v for k, v in damaged_files(candidate).items() if not k.startswith(RNG_PREFIX)}
+            if not problems:
+                return candidate
+            logger.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate,
+                           "; ".join(f"{name}: {why}" for name, why in problems.items()))
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir}: every one has damaged files (see the warnings)")
     path = Path(resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json in it)")
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE} in it)")
     return path
+
+
+def load_checkpoint(accelerator, directory: Path, allow_lost_rng_state: bool = False) -> dict:
+    """Check `directory` against its manifest, load it into `accelerator`, and return its trainer state.
+
+    Raises CheckpointError naming the damaged file; a damaged or missing RNG state (`random_states_*.pkl`)
+    is an error too unless `allow_lost_rng_state`, since the resumed run would not repeat the dropout and
+    augmentation draws of an uninterrupted one.
+    """
+    problems = damaged_files(directory)
+    rng_file = f"{RNG_PREFIX}{accelerator.process_index}.pkl"
+    if (directory / MANIFEST).is_file() and not (directory / rng_file).is_file():
+        problems.setdefault(rng_file, "missing")
+    rng = {k: v for k, v in problems.items() if k.startswith(RNG_PREFIX)}
+    other = {k: v for k, v in problems.items() if not k.startswith(RNG_PREFIX)}
+    if other:
+        raise CheckpointError(f"checkpoint {directory} is damaged: " + "; ".join(f"{k}: {v}" for k, v in other.items())
+                              + ". Resume from an older checkpoint (--resume_from_checkpoint latest skips damaged ones).")
+    if rng and not allow_lost_rng_state:
+        raise CheckpointError(f"checkpoint {directory}: the random-number state is damaged ("
+                              + "; ".join(f"{k}: {v}" for k, v in rng.items())
+                              + "), so the resumed run would not be an exact continuation. Pass --allow_inexact_resume "
+                              "to resume anyway, or resume from an older checkpoint.")
+    if rng:
+        logger.warning("checkpoint %s: random-number state damaged (%s); resuming anyway (--allow_inexact_resume): the "
+                       "run is not an exact continuation", directory, ", ".join(rng))
+    accelerator.load_state(str(directory))
+    return json.loads((directory / STATE).read_text())
+
+
+def save_checkpoint(accelerator, checkpoint_dir: str | Path, state: dict, limit: int | None) -> Path:
+    """accelerate state + where the data order stands + the manifest (last); then rotate old checkpoints."""
+    directory = Path(checkpoint_dir) / f"step-{state['global_step']:07d}"
+    accelerator.save_state(str(directory))
+    accelerator.wait_for_everyone()  # every rank's RNG file is written before the manifest hashes them
+    if accelerator.is_main_process:
+        (directory / STATE).write_text(json.dumps(state))
+        write_manifest(directory)
+        rotate_checkpoints(checkpoint_dirs(checkpoint_dir), limit)
+    accelerator.wait_for_everyone()
+    return directory
 
 
 def rotate_checkpoints(checkpoints: list[Path], limit: int | None) -> None:
@@ -40,3 +147,7 @@ def rotate_checkpoints(checkpoints: list[Path], limit: int | None) -> None:
         return
     for old in checkpoints[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "load_checkpoint", "save_checkpoint", "rotate_checkpoints",
+           "damaged_files", "write_manifest"]

@@ -7,13 +7,16 @@
     python training/evaluate.py configs/evaluate.yaml                  # a YAML/JSON config-file shortcut
 
 Protocol (SPEC section 5). The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
-first is the probe's training split, each other one is evaluated). Two feature sets: `image`, and
-`image+metadata` (image + lesion metadata + patient metadata + phenotype embeddings). A logistic
+first is the probe's training split, each other one is evaluated) in one pass over whole patients
+(`training/embeddings.py`). Feature sets (`--feature_sets`, `training/probe.py`): `image`,
+`image+context` (plus how the lesion differs from the same patient's other lesions), `image+metadata`
+(image + lesion metadata + patient metadata + phenotype) and `image+metadata+context`, read from the tower
+outputs before the projections or from the projected embeddings (`--representation`). A logistic
 regression probe is fitted on the whole training split, and k-shot probes on k lesions of each class
 (binary: k positives and k negatives) drawn from it, per seed; both feature sets see the same draw.
 A k larger than the rarest class of the training split is skipped and noted. Metrics: AUROC (macro
-one-vs-rest for more than 2 classes), the ISIC 2024 pAUC above 80% TPR (for `--pauc_class` vs rest,
-default class 1) and balanced accuracy, as mean ± sample std over the seeds; the full probe's solver
+one-vs-rest for more than 2 classes), the ISIC 2024 pAUC above 80% TPR and the ISIC 2024 patient metric
+(top-15 retrieval sensitivity), both for `--pauc_class` vs rest (default class 1), and balanced accuracy, as mean ± sample std over the seeds; the full probe's solver
 is deterministic, so its spread is 0 and the seeds matter for the k-shot draws. Retrieval: recall@1/5/10
 of image -> lesion metadata and back within each evaluated split, beside chance (k/N). Splits are
 patient-disjoint by construction (training/prepare_data.py).
@@ -24,7 +27,6 @@ last split) and `kshot.png` (AUROC vs k, std error bars) into `--output_dir`; `m
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -38,14 +40,16 @@ if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.cli import parse_dataclasses, to_jsonable  # noqa: E402
-from training.collate import SLIMPCollator  # noqa: E402
-from training.data import load_slimp_dataset  # noqa: E402
-from training.features import FEATURE_SETS, extract_features, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
+from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
+from training.data.collate import SLIMPCollator  # noqa: E402
+from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.embeddings import REPRESENTATIONS, embed_split  # noqa: E402
+from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
+from training.results import write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("auroc", "pauc_80tpr", "balanced_accuracy")
+METRICS = ("auroc", "pauc_80tpr", "top15_sensitivity", "balanced_accuracy")
 RETRIEVAL_KS = (1, 5, 10)
 
 
@@ -58,22 +62,31 @@ class EvaluateArguments:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50], metadata={"help": "k of the k-shot probes (k lesions per class)."})
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"],
                               metadata={"help": "The probe's training split, then the evaluated splits (plots: the last)."})
-    batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients)."})
-    num_workers: int = 0
+    feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS), metadata={"help": f"Any of {list(FEATURE_SETS)}."})
+    representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"What the probes read: one of {REPRESENTATIONS} (tower outputs before the projections, or the projected embeddings)."})
+    batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients; phenotype and context are exact for any size)."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers of the feature extraction."})
     probe_C: float = field(default=1.0, metadata={"help": "Inverse L2 strength of the logistic-regression probe."})
     pauc_class: str | None = field(default=None,
                                    metadata={"help": "Label name (or id) whose one-vs-rest pAUC is reported; default: class 1."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | ...; default: cuda if available."})
 
+    def __post_init__(self):
+        if len(self.splits) < 2 or len(set(self.splits)) != len(self.splits):
+            raise ArgumentError(f"--splits needs the training split and at least one other, all distinct; got {self.splits}")
+        if not self.seeds:
+            raise ArgumentError("--seeds needs at least one seed")
+        if any(k < 1 for k in self.shots):
+            raise ArgumentError(f"--shots must be positive integers, got {self.shots}")
+        unknown = [f for f in self.feature_sets if f not in FEATURE_SETS]
+        if unknown or not self.feature_sets:
+            raise ArgumentError(f"--feature_sets must be a non-empty subset of {list(FEATURE_SETS)}, got {self.feature_sets}")
+        if self.representation not in REPRESENTATIONS:
+            raise ArgumentError(f"--representation must be one of {REPRESENTATIONS}, got '{self.representation}'")
+
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
     (args,) = parse_dataclasses((EvaluateArguments,), argv)
-    if len(args.splits) < 2 or len(set(args.splits)) != len(args.splits):
-        raise ValueError(f"--splits needs the training split and at least one other, all distinct; got {args.splits}")
-    if not args.seeds:
-        raise ValueError("--seeds needs at least one seed")
-    if any(k < 1 for k in args.shots):
-        raise ValueError(f"--shots must be positive integers, got {args.shots}")
     return args
 
 
@@ -109,7 +122,8 @@ def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str])
 
 def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
                       label_names: list[str], seeds: list[int], shots: list[int], C: float = 1.0,
-                      positive_class: int = 1) -> tuple[dict, dict]:
+                      positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
+                      representation: str = DEFAULT_REPRESENTATION) -> tuple[dict, dict]:
     """Full and k-shot probes and retrieval on extracted features.
 
     Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
@@ -122,15 +136,18 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
     draws = {(k, seed): kshot_indices(train["labels"], k, seed) for k in kept for seed in seeds}
     raw = {"full": {}, "kshot": {}}  # (split, feature_set[, k]) -> metric -> values over seeds
     curves = {"split": eval_splits[-1], "labels": features[eval_splits[-1]]["labels"], "scores": {}}
-    for feature_set in FEATURE_SETS:
-        train_x = probe_inputs(train, feature_set)
+    inputs = {(split, feature_set): probe_inputs(features[split], feature_set, representation)
+              for split in [train_split, *eval_splits] for feature_set in feature_sets}
+    for feature_set in feature_sets:
+        train_x = inputs[train_split, feature_set]
         for seed in seeds:
             runs = [("full", None, np.arange(len(train_x)))] + [("kshot", k, draws[k, seed]) for k in kept]
             for kind, k, rows in runs:
                 probe = fit_probe(train_x[rows], train["labels"][rows], seed=seed, C=C)
                 for split in eval_splits:
-                    scores = probe.predict_proba(probe_inputs(features[split], feature_set))
-                    metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class)
+                    scores = probe.predict_proba(inputs[split, feature_set])
+                    metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class,
+                                            patient_ids=features[split]["patient_ids"])
                     key = (split, feature_set) if kind == "full" else (split, feature_set, k)
                     for name, value in metrics.items():
                         raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
@@ -163,19 +180,20 @@ def _metric_cells(metrics: dict) -> str:
 def render_markdown(results: dict) -> str:
     pauc = f"pAUC (TPR>80%, '{results['pauc_class']}' vs rest)"
     lines = [f"# SLIMP evaluation: `{results['model_dir']}` on `{results['dataset_dir']}`", "",
-             f"Frozen features; logistic-regression probe trained on `{results['train_split']}`; "
+             f"Frozen features ({results['representation']} representation); logistic-regression probe trained on "
+             f"`{results['train_split']}`; "
              f"mean ± std over {results['num_seeds']} seed(s) {results['seeds']}. Splits are patient-disjoint.", "",
              "| split | patients | lesions | labels |", "|---|---|---|---|"]
     for split, info in results["splits"].items():
         counts = ", ".join(f"{name}: {n}" for name, n in info["labels"].items())
         lines.append(f"| {split} | {info['patients']} | {info['lesions']} | {counts} |")
-    header = f"| features | AUROC | {pauc} | balanced acc. |\n|---|---|---|---|"
+    header = f"| features | AUROC | {pauc} | top-15 sensitivity | balanced acc. |\n|---|---|---|---|---|"
     for split, by_set in results["linear_probe"].items():
         lines += ["", f"## Linear probe, full training split -> `{split}`", "", header]
         lines += [f"| {feature_set} | {_metric_cells(metrics)} |" for feature_set, metrics in by_set.items()]
     for split, by_set in results["kshot"].items():
         lines += ["", f"## k-shot probe (k lesions per class) -> `{split}`", "",
-                  f"| k | features | AUROC | {pauc} | balanced acc. |", "|---|---|---|---|---|"]
+                  f"| k | features | AUROC | {pauc} | top-15 sensitivity | balanced acc. |", "|---|---|---|---|---|---|"]
         ks = sorted({int(k) for runs in by_set.values() for k in runs})
         lines += [f"| {k} | {feature_set} | {_metric_cells(by_set[feature_set][str(k)])} |" for k in ks for feature_set in by_set]
     if results["kshot_skipped"]:
@@ -225,7 +243,7 @@ def plot_kshot(results: dict, path: Path) -> None:
 
     split = results["eval_splits"][-1]
     figure, axis = plt.subplots(figsize=(5, 4))
-    for index, feature_set in enumerate(FEATURE_SETS):
+    for index, feature_set in enumerate(results["feature_sets"]):
         color = f"C{index}"
         runs = results["kshot"].get(split, {}).get(feature_set, {})
         ks = sorted(int(k) for k in runs)
@@ -252,7 +270,7 @@ def plot_kshot(results: dict, path: Path) -> None:
 def write_report(results: dict, curves: dict, label_names: list[str], positive_class: int, output_dir: str) -> Path:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(to_jsonable(results), indent=1))
+    write_json(output / "results.json", results)
     (output / "results.md").write_text(render_markdown(results))
     plot_roc(curves, label_names, positive_class, output / "roc.png")
     plot_kshot(results, output / "kshot.png")
@@ -283,23 +301,25 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()
-    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
+    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)  # whole patients, any batch size
     features, splits, label_names = {}, {}, None
     for split in args.splits:
         dataset, _ = load_slimp_dataset(args.dataset_dir, split)
         label_names = label_names or list(dataset.features["label"].names)
         logger.info("extracting features of %s (%d lesions)", split, len(dataset))
-        features[split] = extract_features(model, collator, dataset, batch_size=args.batch_size,
-                                           num_workers=args.num_workers, device=device)
+        features[split] = embed_split(model, dataset, collator, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, device=device)
         splits[split] = split_info(dataset, label_names)
     positive_class = resolve_class(args.pauc_class, label_names)
     results, curves = evaluate_features(features, args.splits[0], args.splits[1:], label_names, args.seeds,
-                                        args.shots, args.probe_C, positive_class)
+                                        args.shots, args.probe_C, positive_class, tuple(args.feature_sets),
+                                        args.representation)
     for note in results["kshot_skipped"]:
         logger.warning("k-shot k = %d skipped: %s", note["k"], note["reason"])
     results = {"model_dir": args.model_dir, "dataset_dir": args.dataset_dir, "train_split": args.splits[0],
                "eval_splits": args.splits[1:], "label_names": label_names, "pauc_class": label_names[positive_class],
                "seeds": list(args.seeds), "num_seeds": len(args.seeds), "shots": list(args.shots), "splits": splits,
+               "feature_sets": list(args.feature_sets), "representation": args.representation,
                **results, "args": asdict(args)}
     output = write_report(results, curves, label_names, positive_class, args.output_dir)
     logger.info("wrote %s", output / "results.md")
@@ -307,4 +327,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(Path(main()["args"]["output_dir"], "results.md").read_text())
+    print(Path(run_cli(main)["args"]["output_dir"], "results.md").read_text())

@@ -46,10 +46,13 @@ if __package__ in (None, ""):  # `python training/extrapolate.py` runs this file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.cli import parse_dataclasses, to_jsonable  # noqa: E402
-from training.collate import SLIMPCollator  # noqa: E402
-from training.data import load_slimp_dataset  # noqa: E402
-from training.features import extract_features, fit_probe, probe_inputs, probe_metrics  # noqa: E402
+from modeling_slimp.schema_slimp import as_category, parse_number  # noqa: E402
+from training.arguments import parse_dataclasses, run_cli  # noqa: E402
+from training.data.collate import SLIMPCollator  # noqa: E402
+from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.embeddings import embed_split  # noqa: E402
+from training.probe import fit_probe, probe_inputs, probe_metrics  # noqa: E402
+from training.results import write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -115,27 +118,15 @@ def _all_features(features: dict) -> list[tuple[str, str, str]]:
     return [(level, kind, name) for level, kinds in features.items() for kind, names in kinds.items() for name in names]
 
 
-def _category(value) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
 def _number(value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-    return number if math.isfinite(number) else float("nan")
+    return parse_number(value)[0]
 
 
 def column_values(dataset, name: str, kind: str) -> list | None:
     """A metadata column as clean raw values (None if the dataset has no such column)."""
     if name not in dataset.column_names:
         return None
-    convert = _number if kind == "numerical" else _category
+    convert = _number if kind == "numerical" else as_category
     return [convert(value) for value in dataset[name]]
 
 
@@ -195,7 +186,7 @@ def load_bank(path: str | os.PathLike) -> ReferenceBank:
     embeddings = load_file(str(path / BANK_EMBEDDINGS))["image_embeds"]
     metadata = pq.read_table(path / BANK_METADATA).to_pydict()
     for _, kind, name in _all_features(info["features"]):
-        metadata[name] = [_number(v) if kind == "numerical" else _category(v) for v in metadata[name]]
+        metadata[name] = [_number(v) if kind == "numerical" else as_category(v) for v in metadata[name]]
     logger.warning(PATIENT_DATA_WARNING, len(embeddings))
     return ReferenceBank(embeddings=embeddings, metadata=metadata, info=info)
 
@@ -456,8 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()
     collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
     features = schema_features(model.config)
-    extract = lambda dataset: extract_features(model, collator, dataset, batch_size=args.batch_size,  # noqa: E731
-                                               num_workers=args.num_workers, device=device)
+    extract = lambda dataset: embed_split(model, dataset, collator, batch_size=args.batch_size,  # noqa: E731
+                                          num_workers=args.num_workers, device=device)
     notes: list[str] = []
     cache: dict[str, dict] = {}  # reference split -> its features
     bank = reference_bank(args, extract, features, model_fingerprint(model), cache)
@@ -485,11 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
               "downstream": downstream(args, extract, cache, target, hidden, imputed, features, missing, notes)}
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "extrapolation.json").write_text(json.dumps(to_jsonable(result), indent=1))
+    write_json(output / "extrapolation.json", result)
     (output / "extrapolation.md").write_text(render_markdown(result))
     logger.info("wrote %s", output / "extrapolation.md")
     return result
 
 
 if __name__ == "__main__":
-    print(Path(main()["settings"]["output_dir"], "extrapolation.md").read_text())
+    print(Path(run_cli(main)["settings"]["output_dir"], "extrapolation.md").read_text())

@@ -65,14 +65,14 @@ if __package__ in (None, ""):  # `python training/finetune.py` runs this file as
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
-from training.cli import parse_dataclasses  # noqa: E402
-from training.collate import SLIMPCollator  # noqa: E402
-from training.data import load_slimp_dataset  # noqa: E402
-from training.features import patient_batches  # noqa: E402
+from training.arguments import parse_dataclasses  # noqa: E402
+from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
+from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.sampler import PatientBatchSampler  # noqa: E402
+from training.embeddings import predict_split  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
-from training.pretrain import build_optimizer  # noqa: E402
-from training.reporting import save_release  # noqa: E402
-from training.sampler import PatientBatchSampler  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.release import push_release, save_release  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -241,25 +241,9 @@ def set_train_mode(model: nn.Module, mode: str) -> None:
 
 
 # ----- evaluation -----
-@torch.inference_mode()
-def predict(model: nn.Module, collator: SLIMPCollator, dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and labels (N,) of a split, in dataset order; batches hold whole patients."""
-    model.eval()
-    device = next(model.parameters()).device
-    batches = patient_batches(dataset["patient_id"], batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
-    logits, labels = [], []
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels.append(batch.pop("labels").cpu().numpy())
-        logits.append(model(**batch).logits.float().cpu().numpy())
-    order = np.argsort(np.concatenate(batches), kind="stable")  # back to dataset order
-    return np.concatenate(logits)[order], np.concatenate(labels)[order]
-
-
 def evaluate_split(model: nn.Module, collator: SLIMPCollator, dataset, batch_size: int) -> dict[str, float]:
-    logits, labels = predict(model, collator, dataset, batch_size)
-    return classification_metrics(labels, logits)
+    logits, labels = predict_split(model, dataset, collator, batch_size=batch_size)
+    return classification_metrics(labels, logits, patient_ids=dataset["patient_id"])
 
 
 # ----- training -----
@@ -274,8 +258,8 @@ def restore_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         parameters[name].copy_(value)
 
 
-def train_loop(model, optimizer, scheduler, loader, sampler, accelerator: Accelerator, args: TrainArguments, mode: str,
-               max_steps: int, validate) -> tuple[list[dict], dict]:
+def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTransform, accelerator: Accelerator,
+               args: TrainArguments, mode: str, max_steps: int, validate) -> tuple[list[dict], dict]:
     """Train `max_steps` optimizer steps; `validate(model) -> AUROC` every `eval_steps` on the main process.
 
     Returns the logged history and the best validation result: {"step", "auroc", "state"} (trainable
@@ -289,7 +273,7 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator: Accele
         sampler.set_epoch(epoch)
         loader.collate_fn.set_epoch(epoch)
         for batch in loader:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = transform(batch, accelerator.device)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -351,16 +335,13 @@ def save_outputs(model: nn.Module, processor: SLIMPProcessor, model_args: ModelA
     if model_args.mode == "lora" and model_args.merge:
         model = model.merge_and_unload()
     save_release(model, processor, args.output_dir, schema, data_args.dataset_dir, results, task="classification",
-                 push_to_hub=args.push_to_hub and not adapter, hub_model_id=args.hub_model_id)
+                 hub_model_id=args.hub_model_id)
     if adapter:  # the card gets its loading section first, then the folder goes to the Hub
         add_adapter_card_section(Path(args.output_dir) / "README.md", model_args.model_dir)
-        if args.push_to_hub:
-            if not args.hub_model_id:
-                raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-org/slimp-isic2024-lora)")
-            from huggingface_hub import create_repo, upload_folder
-
-            create_repo(args.hub_model_id, exist_ok=True)
-            upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir)
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-org/slimp-isic2024-lora)")
+        push_release(args.output_dir, args.hub_model_id)
     return model
 
 
@@ -411,15 +392,15 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = max(1, len(sampler) // args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     args.learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES[model_args.mode]
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 2), max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     def validation_auroc(unwrapped: nn.Module) -> float:
         return evaluate_split(unwrapped, eval_collator, validation_split, data_args.eval_batch_size)["auroc"]
 
-    history, best = train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args, model_args.mode,
-                               max_steps, validation_auroc)
+    history, best = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args,
+                               model_args.mode, max_steps, validation_auroc)
     accelerator.wait_for_everyone()
     result: dict = {"history": history}
     if accelerator.is_main_process:

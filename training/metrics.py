@@ -1,10 +1,11 @@
-"""Evaluation metrics: AUROC, the ISIC 2024 pAUC, balanced accuracy, retrieval recall@k.
+"""Evaluation metrics: AUROC, the ISIC 2024 pAUC and patient-level top-15 sensitivity, balanced accuracy,
+retrieval recall@k.
 
 numpy + scikit-learn only (``evaluate.load("roc_auc")`` fetches its script from the Hub and fails
-offline). The ISIC 2024 pAUC has one implementation, in ``metrics/isic2024_pauc/pauc.py``: that folder
+offline). The ISIC 2024 metrics have one implementation, in ``metrics/isic2024_pauc/pauc.py``: that folder
 is also an `evaluate` metric module meant to be pushed to the Hub and run without this repository,
 so it cannot import from here; instead this module loads that file by path, and
-``training.metrics.isic2024_pauc`` *is* that function.
+``training.metrics.isic2024_pauc`` / ``top_k_sensitivity`` *are* those functions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _load_pauc_module() -> ModuleType:
 
 
 isic2024_pauc = _load_pauc_module().isic2024_pauc
+top_k_sensitivity = _load_pauc_module().top_k_sensitivity
 
 
 def _binary_scores(score: np.ndarray) -> np.ndarray:
@@ -88,16 +90,19 @@ def balanced_accuracy(y: ArrayLike, pred: ArrayLike) -> float:
     return float(balanced_accuracy_score(np.asarray(y).ravel(), pred))
 
 
-def classification_metrics(y: ArrayLike, logits: ArrayLike) -> dict[str, float]:
-    """AUROC, the ISIC 2024 pAUC above 80% TPR and balanced accuracy, from model logits.
+def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLike | None = None) -> dict[str, float]:
+    """AUROC, the ISIC 2024 pAUC above 80% TPR, balanced accuracy and, given the lesions' patients, the
+    ISIC 2024 patient metric (top-15 retrieval sensitivity of class 1), from model logits.
 
     Args:
         y: (N,) integer labels in [0, C).
         logits: (N, C) classifier logits (C >= 2), or (N, 1) single-logit binary.
+        patient_ids: (N,) the patient of each lesion (optional).
 
     Returns:
-        ``{"auroc", "pauc_80tpr", "balanced_accuracy"}``. AUROC is macro one-vs-rest beyond two classes;
-        pAUC is class 1 vs the rest (NaN when the split lacks either side).
+        ``{"auroc", "pauc_80tpr", "balanced_accuracy"}`` (+ ``"top15_sensitivity"``). AUROC is macro
+        one-vs-rest beyond two classes; pAUC and top-15 are class 1 vs the rest (NaN when the split lacks
+        either side).
     """
     y = np.asarray(y)
     logits = np.asarray(logits, dtype=np.float64)
@@ -110,11 +115,14 @@ def classification_metrics(y: ArrayLike, logits: ArrayLike) -> dict[str, float]:
     # Binary: rank by the logit difference, since softmax probabilities saturate to ties in float64.
     positive = logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else probs[:, 1]
     is_positive = (y == 1).astype(int)
-    return {
+    result = {
         "auroc": auroc(y, positive if logits.shape[1] == 2 else probs),
         "pauc_80tpr": isic2024_pauc(is_positive, positive) if 0 < is_positive.sum() < len(y) else float("nan"),
         "balanced_accuracy": balanced_accuracy(y, logits),
     }
+    if patient_ids is not None:
+        result["top15_sensitivity"] = top_k_sensitivity(is_positive, positive, patient_ids, k=15)["sensitivity"]
+    return result
 
 
 def recall_at_k(

@@ -13,7 +13,12 @@ Multi-process: `torchrun --nproc_per_node 2 training/pretrain.py ...` (CPU: ACCE
 gloo), `accelerate launch --multi_gpu --num_processes 8 training/pretrain.py ...`. Each process gets
 whole, different patients; the loss is the global-batch loss (embeddings gathered with gradients).
 Resume: `--resume_from_checkpoint latest` continues with the same data order, no batch repeated or
-skipped.
+skipped. Images are decoded and resized by the loader workers; augmentation runs on the training
+device (`training/data/augment.py`).
+
+Layout of `--output_dir`: the release folder (what `--push_to_hub` uploads: config, weights, code,
+processor, card, results.json). Checkpoints go to `--checkpoint_dir` (default `OUTPUT_DIR-checkpoints`),
+beside it, never inside it.
 """
 
 from __future__ import annotations
@@ -26,91 +31,144 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import ViTImageProcessorPil, get_cosine_schedule_with_warmup
+from transformers import AutoImageProcessor, ViTImageProcessorPil, get_cosine_schedule_with_warmup
 
 if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.cli import parse_dataclasses  # noqa: E402
-from training.checkpointing import checkpoint_dirs, find_checkpoint, rotate_checkpoints  # noqa: E402
-from training.collate import SLIMPCollator  # noqa: E402
-from training.configs import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config  # noqa: E402
+from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS  # noqa: E402
+from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
+from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
-from training.data import load_slimp_dataset  # noqa: E402
-from training.features import retrieval_metrics  # noqa: E402
-from training.reporting import probe_report, save_release  # noqa: E402
-from training.sampler import PatientBatchSampler  # noqa: E402
-from training.streaming import StreamingPatientBatches  # noqa: E402
+from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
+from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.sampler import PatientBatchSampler  # noqa: E402
+from training.data.streaming import StreamingPatientBatches  # noqa: E402
+from training.embeddings import embed_split  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns  # noqa: E402
+from training.probe import retrieval_metrics  # noqa: E402
+from training.release import probe_report, save_release  # noqa: E402
 
 logger = get_logger(__name__)
 
 DEFAULT_DATASET = "data/synthetic"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORTERS = ("none", "tensorboard")
 
 
 @dataclass
 class DataArguments:
     dataset_dir: str = field(default=DEFAULT_DATASET, metadata={"help": "A dataset from `python -m training.prepare_data`. The default is built (synthetic) if absent."})
     synthetic_patients: int = field(default=500, metadata={"help": "Patients of the synthetic dataset built when dataset_dir is the default and absent."})
-    synthetic_seed: int = 0
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of that synthetic dataset."})
     patients_per_batch: int = field(default=16, metadata={"help": "P: distinct patients per batch and process."})
     max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
     include_malignant: bool = field(default=False, metadata={"help": "Label-aware batches that always hold a patient's malignant lesions (off: pre-training is label-free)."})
-    num_workers: int = field(default=1, metadata={"help": "DataLoader workers per process."})
+    num_workers: int = field(default=1, metadata={"help": "DataLoader workers per process (they decode and resize images)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the train split (datasets IterableDataset, shards split by process) instead of sampling it; needs --max_steps."})
     stream_shards: int = field(default=16, metadata={"help": "Shards of the train stream (a multiple of the processes)."})
     schema_rows: int = field(default=50_000, metadata={"help": "With --streaming: rows of the stream the metadata schema is fitted on."})
 
+    def __post_init__(self):
+        for name in ("patients_per_batch", "max_lesions_per_patient", "synthetic_patients", "stream_shards", "schema_rows"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ArgumentError(f"--num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class ModelArguments:
-    model_size: str = field(default="tiny", metadata={"help": f"One of {MODEL_SIZES}."})
-    vision_model_type: str = field(default="vit", metadata={"help": f"One of {VISION_MODEL_TYPES}."})
+    model_size: str = field(default="tiny", metadata={"help": f"Preset: one of {MODEL_SIZES} (tiny: 64 px CPU model; small: the release ViT-S/16 at 224 px)."})
+    vision_model_type: str = field(default="vit", metadata={"help": f"Image backbone: one of {VISION_MODEL_TYPES}."})
     image_size: int | None = field(default=None, metadata={"help": "Override the preset's image resolution."})
-    init_vision_from: str | None = field(default=None, metadata={"help": "A transformers vision checkpoint to initialise the image tower."})
+    init_vision_from: str | None = field(default=None, metadata={"help": "A transformers vision checkpoint (folder or Hub id) to initialise the image tower; its image processor's normalisation is used."})
     init_from: str | None = field(default=None, metadata={"help": "A SLIMP checkpoint to start from (with --continual: continual pre-training)."})
-    continual: bool = field(default=False, metadata={"help": "Train only embedding layers, projections and logit scales; attention frozen."})
-    lesion_loss_weight: float = field(default=0.5, metadata={"help": "λ: L = λ·L_lesion + (1 − λ)·L_patient."})
-    patient_aggregation: str = field(default="mean", metadata={"help": "mean | attention"})
-    image_ssl_weight: float = field(default=0.0, metadata={"help": "Weight of the SimCLR term (1 = image-only SimCLR baseline)."})
+    continual: bool = field(default=False, metadata={"help": "Train only embedding layers, projections and logit scales; attention frozen. Needs --init_from."})
+    lesion_loss_weight: float = field(default=0.5, metadata={"help": "λ in L = λ·L_lesion + (1 − λ)·L_patient (1 = flat lesion-only CLIP loss)."})
+    patient_aggregation: str | None = field(default=None, metadata={"help": f"One of {PATIENT_AGGREGATIONS}: how a patient's lesions are pooled (default: mean, or the --init_from checkpoint's)."})
+    image_ssl_weight: float = field(default=0.0, metadata={"help": "Weight w of the SimCLR term: (1 − w)·L_nested + w·L_SimCLR (1 = SimCLR baseline)."})
     feature_dropout: float = field(default=0.1, metadata={"help": "Probability of hiding a present metadata value in training."})
+
+    def __post_init__(self):
+        if self.model_size not in MODEL_SIZES:
+            raise ArgumentError(f"--model_size must be one of {MODEL_SIZES}, got '{self.model_size}'")
+        if self.vision_model_type not in VISION_MODEL_TYPES:
+            raise ArgumentError(f"--vision_model_type must be one of {VISION_MODEL_TYPES}, got '{self.vision_model_type}'")
+        if self.patient_aggregation is not None and self.patient_aggregation not in PATIENT_AGGREGATIONS:
+            raise ArgumentError(f"--patient_aggregation must be one of {PATIENT_AGGREGATIONS}, got '{self.patient_aggregation}'")
+        for name in ("lesion_loss_weight", "image_ssl_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ArgumentError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ArgumentError(f"--feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if self.continual and not self.init_from:
+            raise ArgumentError("--continual needs --init_from: continual pre-training adapts a pre-trained checkpoint")
+        if self.image_size is not None and self.image_size < 8:
+            raise ArgumentError(f"--image_size must be at least 8 pixels, got {self.image_size}")
 
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "outputs/slimp-synthetic"
+    output_dir: str = field(default="outputs/slimp-synthetic", metadata={"help": "The release folder: the model, its processor, card and results (what --push_to_hub uploads)."})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "Where training checkpoints go (default: OUTPUT_DIR-checkpoints, beside the release folder)."})
+    logging_dir: str | None = field(default=None, metadata={"help": "Where --report_to tensorboard writes (default: OUTPUT_DIR-logs, beside the release folder)."})
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps; <= 0 uses num_train_epochs."})
-    num_train_epochs: float = 1.0
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = 20
-    eval_steps: int = 100
-    save_steps: int = 100
-    save_total_limit: int | None = 2
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when --max_steps <= 0."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (cosine schedule)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings, logit scales)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps (at most half of the run)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory)."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order, augmentations and dropout."})
+    logging_steps: int = field(default=20, metadata={"help": "Log the loss terms every this many steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Validate (retrieval recall@k, losses) every this many steps (0: only at the end)."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (0: never)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (None: all)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest | a checkpoint folder"})
+    allow_inexact_resume: bool = field(default=False, metadata={"help": "Resume even from a checkpoint whose random-number state is lost (the run is then not an exact continuation)."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps, keeping the max_steps schedule (time-boxed jobs)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Consecutive non-finite losses that stop the run."})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard"})
+    report_to: str = field(default="none", metadata={"help": f"One of {REPORTERS}."})
     linear_probe: bool = field(default=True, metadata={"help": "After training, print a linear probe beside the untrained model's."})
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the release folder to --hub_model_id."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (e.g. your-org/slimp-isic2024) for --push_to_hub."})
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ArgumentError(f"--mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'")
+        if self.report_to not in REPORTERS:
+            raise ArgumentError(f"--report_to must be one of {REPORTERS}, got '{self.report_to}'")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id (e.g. your-org/slimp-isic2024)")
+        if self.gradient_accumulation_steps < 1 or self.logging_steps < 1:
+            raise ArgumentError("--gradient_accumulation_steps and --logging_steps must be at least 1")
+        if self.learning_rate <= 0:
+            raise ArgumentError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        release = Path(self.output_dir)
+        self.checkpoint_dir = self.checkpoint_dir or str(release.with_name(release.name + "-checkpoints"))
+        self.logging_dir = self.logging_dir or str(release.with_name(release.name + "-logs"))
+        for name in ("checkpoint_dir", "logging_dir"):
+            if Path(getattr(self, name)).resolve().is_relative_to(release.resolve()):
+                raise ArgumentError(f"--{name} {getattr(self, name)} is inside --output_dir {self.output_dir}, the folder "
+                                    "that is published; put it beside it")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
-    return parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
+    data_args, model_args, args = parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
+    if data_args.streaming and args.max_steps <= 0:
+        raise ArgumentError("--streaming has no epoch length: give --max_steps")
+    return data_args, model_args, args
 
 
 def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
@@ -124,41 +182,58 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
                                data_args.dataset_dir, patients, data_args.synthetic_patients, main_process_only=True)
         return
     if data_args.dataset_dir != DEFAULT_DATASET:
-        raise FileNotFoundError(f"--dataset_dir {data_args.dataset_dir} does not exist; convert a dataset with `python -m training.prepare_data`.")
+        raise ArgumentError(f"--dataset_dir {data_args.dataset_dir} does not exist; convert a dataset with "
+                            "`python -m training.prepare_data`")
     with accelerator.main_process_first():
         if accelerator.is_main_process and not Path(data_args.dataset_dir).exists():
-            from training import prepare_data
+            from training.data import convert
 
             logger.info("building the synthetic dataset in %s", data_args.dataset_dir, main_process_only=True)
-            prepare_data.main(["synthetic", "--patients", str(data_args.synthetic_patients),
-                               "--seed", str(data_args.synthetic_seed), "--output-dir", data_args.dataset_dir])
+            convert.main(["synthetic", "--patients", str(data_args.synthetic_patients),
+                          "--seed", str(data_args.synthetic_seed), "--output-dir", data_args.dataset_dir])
 
 
 def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPModel:
-    overrides = dict(lesion_loss_weight=model_args.lesion_loss_weight, patient_aggregation=model_args.patient_aggregation,
-                     image_ssl_weight=model_args.image_ssl_weight)
+    overrides = dict(lesion_loss_weight=model_args.lesion_loss_weight, image_ssl_weight=model_args.image_ssl_weight)
     if model_args.init_from:
         model = SLIMPModel.from_pretrained(model_args.init_from)
-        for key, value in overrides.items():
+        saved = model.config.patient_aggregation
+        if model_args.patient_aggregation not in (None, saved):
+            raise ArgumentError(f"--patient_aggregation {model_args.patient_aggregation} differs from the --init_from "
+                                f"checkpoint's '{saved}': its pooling weights cannot be reused; drop the option")
+        for key, value in overrides.items():  # loss weights only: they live in the config, read at each step
             setattr(model.config, key, value)
-        model.contrastive_loss.lesion_loss_weight = model_args.lesion_loss_weight
-        model.contrastive_loss.image_ssl_weight = model_args.image_ssl_weight
         target = build_slimp_config(schema, train_split, vision=model.config.vision_config)
         replace_metadata_schema(model, "lesion", target.lesion_metadata_config)
         replace_metadata_schema(model, "patient", target.patient_metadata_config)
         model.config.id2label, model.config.label2id = target.id2label, target.label2id
     else:
         config = build_slimp_config(schema, train_split, model_args.model_size, model_args.vision_model_type,
-                                    model_args.image_size, **overrides)
+                                    model_args.image_size, patient_aggregation=model_args.patient_aggregation or "mean",
+                                    **overrides)
         model = (SLIMPModel.from_vision_pretrained(model_args.init_vision_from, config)
                  if model_args.init_vision_from else SLIMPModel(config))
     for tower in (model.config.lesion_metadata_config, model.config.patient_metadata_config):
         tower.feature_dropout = model_args.feature_dropout
     if model_args.continual:
-        if not model_args.init_from:
-            raise ValueError("--continual needs --init_from: continual pre-training adapts a pre-trained checkpoint.")
         freeze_for_continual(model)
     return model
+
+
+def build_processor(model: SLIMPModel, model_args: ModelArguments) -> SLIMPProcessor:
+    """A resize-to-square processor at the model's resolution, with the image normalisation of the
+    `--init_vision_from` checkpoint's own image processor when it has one (DINOv2: ImageNet mean/std)."""
+    size = getattr(model.config.vision_config, "image_size", 224)
+    normalisation = {}
+    source = model_args.init_vision_from or model_args.init_from
+    if source:
+        try:
+            reference = AutoImageProcessor.from_pretrained(source)
+            normalisation = {"image_mean": list(reference.image_mean), "image_std": list(reference.image_std)}
+        except (OSError, ValueError, AttributeError):
+            logger.warning("%s has no image processor: using ViT's normalisation (mean 0.5, std 0.5)", source,
+                           main_process_only=True)
+    return SLIMPProcessor(ViTImageProcessorPil(size={"height": size, "width": size}, **normalisation), model.config)
 
 
 def schema_rows(train_split, schema: dict, data_args: DataArguments):
@@ -167,18 +242,15 @@ def schema_rows(train_split, schema: dict, data_args: DataArguments):
         return train_split
     import pandas as pd
 
-    columns = ["patient_id"] + [c for level in ("lesion", "patient") for kind in ("numerical", "categorical") for c in schema[level][kind]]
-    return pd.DataFrame(list(train_split.select_columns(columns).take(data_args.schema_rows)))
+    return pd.DataFrame(list(train_split.select_columns(schema_columns(schema)).take(data_args.schema_rows)))
 
 
-def build_loader(train_split, collator, data_args: DataArguments, args: "TrainArguments", accelerator: Accelerator):
+def build_loader(train_split, collator, data_args: DataArguments, args: TrainArguments, accelerator: Accelerator):
     """(sampler, loader, batches per epoch or None) for the train split: patient-batch sampling of the
     map-style split, or patient-grouped batches of its stream."""
     common = dict(patients_per_batch=data_args.patients_per_batch, max_lesions_per_patient=data_args.max_lesions_per_patient,
                   seed=args.seed)
     if data_args.streaming:
-        if args.max_steps <= 0:
-            raise ValueError("--streaming has no epoch length: give --max_steps.")
         batches = StreamingPatientBatches(train_split, collator, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes, **common)
         return batches, DataLoader(batches, batch_size=None, num_workers=min(1, data_args.num_workers)), None
@@ -190,48 +262,17 @@ def build_loader(train_split, collator, data_args: DataArguments, args: "TrainAr
     # feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
     # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
     loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
     return sampler, loader, len(sampler)
 
 
-def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, embeddings, [CLS] tokens and logit scales (1-D or scalar
-    parameters, plus the feature tokenizers' per-feature tables)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        skip = parameter.ndim < 2 or "logit_scale" in name or "feature_tokenizer" in name or "cls_token" in name
-        (no_decay if skip else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
-
-
-@torch.no_grad()
-def validate(model: SLIMPModel, collator, dataset, batch_size: int) -> dict[str, float]:
-    """Contrastive losses (single-process, over patient-whole batches) and retrieval recall@k, in one
-    pass over the split. Called on the main process only, so the loss is never gathered."""
-    from training.features import patient_batches
-
-    model.eval()
-    totals = {"lesion_loss": 0.0, "patient_loss": 0.0}
-    embeds: dict[str, list] = {"image": [], "lesion_metadata": []}
-    batches = patient_batches(dataset["patient_id"], batch_size)
-    scale = model.config.max_logit_scale
-    for indices in batches:
-        batch = {k: v.to(model.device) for k, v in collator([dataset[i] for i in indices]).items()}
-        batch.pop("labels", None)
-        batch.pop("ssl_pixel_values", None)
-        out = model(**batch)
-        terms = model.contrastive_loss(out.image_embeds, out.lesion_metadata_embeds, out.phenotype_embeds, out.patient_metadata_embeds,
-                                       model.lesion_logit_scale.clamp(max=scale).exp(), model.patient_logit_scale.clamp(max=scale).exp())
-        totals["lesion_loss"] += float(terms.lesion_loss) / len(batches)
-        totals["patient_loss"] += float(terms.patient_loss) / len(batches)
-        embeds["image"].append(out.image_embeds.float().cpu().numpy())
-        embeds["lesion_metadata"].append(out.lesion_metadata_embeds.float().cpu().numpy())
-    metrics = retrieval_metrics({key: np.concatenate(parts) for key, parts in embeds.items()})
+def validate(model: SLIMPModel, collator: SLIMPCollator, dataset, batch_size: int = 256) -> dict[str, float]:
+    """The model's own contrastive losses (eval mode: per whole-patient batch, never gathered) and retrieval
+    recall@k over the split, in one pass (`embed_split`). Called on the main process only."""
+    features = embed_split(model, dataset, collator, batch_size=batch_size, losses=True)
     model.train()
-    return {f"val/{k}": v for k, v in {**totals, **metrics}.items()}
+    metrics = {"lesion_loss": features["lesion_loss"], "patient_loss": features["patient_loss"], **retrieval_metrics(features)}
+    return {f"val/{k}": v for k, v in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,59 +282,67 @@ def main(argv: list[str] | None = None) -> dict:
     # per process per step (it assumes each process adds a batch), ending a 2-process run's schedule early.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
                               step_scheduler_with_optimizer=False,
-                              log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.logging_dir)
     set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
     train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train", streaming=data_args.streaming,
                                              num_shards=max(data_args.stream_shards, accelerator.num_processes))
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
+    if len(validation_split) == 0:
+        logger.warning("%s has an empty validation split: validation is skipped (convert with more patients, or a "
+                       "larger --validation-fraction)", data_args.dataset_dir, main_process_only=True)
+        validation_split = None
     model = build_model(model_args, schema, schema_rows(train_split, schema, data_args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    image_size = model.config.vision_config.image_size if hasattr(model.config.vision_config, "image_size") else 224
-    processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), model.config)
-    two_views = model.config.image_ssl_weight > 0
-    train_collator = SLIMPCollator(processor, train=True, two_views=two_views, seed=args.seed)
+    processor = build_processor(model, model_args)
+    train_collator = SLIMPCollator(processor, train=True, two_views=model.config.image_ssl_weight > 0, seed=args.seed)
     eval_collator = SLIMPCollator(processor, train=False)
 
     sampler, loader, batches_per_epoch = build_loader(train_split, train_collator, data_args, args, accelerator)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * max(1, batches_per_epoch // args.gradient_accumulation_steps))
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 2), max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("slimp-pretrain", config={**asdict(data_args), **asdict(model_args), **asdict(args)})
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
-    resume = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resume = find_checkpoint(args.checkpoint_dir, args.resume_from_checkpoint)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / "trainer_state.json").read_text())
+        state = load_checkpoint(accelerator, resume, allow_lost_rng_state=args.allow_inexact_resume)
         logger.info("resumed from %s at step %d", resume, state["global_step"], main_process_only=True)
 
     logger.info("%s lesions, %s batches/epoch/process, %d steps, %d processes",
                 "streamed" if data_args.streaming else len(train_split), batches_per_epoch or "endless", max_steps,
                 accelerator.num_processes, main_process_only=True)
-    history = train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args, state, max_steps,
-                         validation_split, eval_collator)
+    history = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args, state,
+                         max_steps, validation_split, eval_collator)
     accelerator.wait_for_everyone()
     result = {"global_step": state["global_step"], "history": history}
     if state["global_step"] >= max_steps and accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        final_validation = validate(unwrapped, eval_collator, validation_split, 256)
-        probe = probe_report(unwrapped, eval_collator, data_args.dataset_dir, args.seed) if args.linear_probe else None
-        save_release(unwrapped, processor, args.output_dir, schema, data_args.dataset_dir,
-                     {"validation": final_validation, "linear_probe": probe, "train_args": asdict(args),
-                      "data_args": asdict(data_args), "model_args": asdict(model_args)},
-                     push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
-        result.update(validation=final_validation, linear_probe=probe)
+        final_validation = validate(unwrapped, eval_collator, validation_split) if validation_split is not None else None
+        results = {"validation": final_validation, "linear_probe": None, "train_args": asdict(args),
+                   "data_args": asdict(data_args), "model_args": asdict(model_args)}
+        # The release is saved before anything that could still fail (the probe), so a finished run is never lost.
+        save_release(unwrapped, processor, args.output_dir, schema, data_args.dataset_dir, results)
+        if args.linear_probe:
+            results["linear_probe"] = probe_report(unwrapped, eval_collator, data_args.dataset_dir, args.seed)
+            save_release(unwrapped, processor, args.output_dir, schema, data_args.dataset_dir, results, card_only=True)
+        if args.push_to_hub:
+            from training.release import push_release
+
+            push_release(args.output_dir, args.hub_model_id)
+        result.update(validation=final_validation, linear_probe=results["linear_probe"])
     accelerator.end_training()
     return result
 
 
-def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: TrainArguments, state: dict, max_steps: int,
-               validation_split, eval_collator) -> list[dict]:
+def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTransform, accelerator, args: TrainArguments,
+               state: dict, max_steps: int, validation_split, eval_collator) -> list[dict]:
     """Run until `max_steps` (or `stop_after_steps`), checkpointing every `save_steps`. Mutates `state`."""
     history: list[dict] = []
     progress = tqdm(total=max_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process, desc="pre-training")
@@ -301,12 +350,12 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
     nonfinite, lesions_seen, window_start = 0, 0, time.perf_counter()
     model.train()
     while state["global_step"] < stop_at:
-        sampler.set_epoch(state["epoch"])
-        sampler.set_start_batch(state["batches_in_epoch"])
-        if hasattr(loader.collate_fn, "set_epoch"):  # streaming batches are collated (and epoched) upstream
+        if hasattr(sampler, "set_epoch"):  # a stream advances its epochs itself
+            sampler.set_epoch(state["epoch"])
             loader.collate_fn.set_epoch(state["epoch"])
+        sampler.set_start_batch(state["batches_in_epoch"])
         for batch in loader:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = transform(batch, accelerator.device)  # augmentation and normalisation on the device
             batch.pop("labels", None)
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
@@ -340,14 +389,14 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
                 history.append(record)
                 progress.set_postfix(loss=f"{record['train/loss']:.3f}")
                 lesions_seen, window_start = 0, time.perf_counter()
-            if args.eval_steps > 0 and step % args.eval_steps == 0 and step < max_steps:
+            if args.eval_steps > 0 and step % args.eval_steps == 0 and step < max_steps and validation_split is not None:
                 if accelerator.is_main_process:
-                    metrics = validate(accelerator.unwrap_model(model), eval_collator, validation_split, 256)
+                    metrics = validate(accelerator.unwrap_model(model), eval_collator, validation_split)
                     accelerator.log(metrics, step=step)
                     logger.info("step %d validation %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
                 accelerator.wait_for_everyone()
             if args.save_steps > 0 and (step % args.save_steps == 0 or step == stop_at):
-                save_checkpoint(accelerator, args, state)
+                save_checkpoint(accelerator, args.checkpoint_dir, state, args.save_total_limit)
             if step >= stop_at:
                 break
         else:
@@ -358,9 +407,10 @@ def train_loop(model, optimizer, scheduler, loader, sampler, accelerator, args: 
 
 
 def log_step(accelerator, model: SLIMPModel, out, scheduler, step: int, lesions_per_second: float) -> dict:
+    lesion_scale, patient_scale = model.logit_scales()
     record = {
         "train/loss": out.loss.item(), "train/lesion_loss": out.lesion_loss.item(), "train/patient_loss": out.patient_loss.item(),
-        "train/lesion_logit_scale": model.lesion_logit_scale.exp().item(), "train/patient_logit_scale": model.patient_logit_scale.exp().item(),
+        "train/lesion_logit_scale": lesion_scale.item(), "train/patient_logit_scale": patient_scale.item(),
         "train/learning_rate": scheduler.get_last_lr()[0], "train/lesions_per_second": lesions_per_second, "step": step,
     }
     if out.image_ssl_loss is not None:
@@ -370,17 +420,7 @@ def log_step(accelerator, model: SLIMPModel, out, scheduler, step: int, lesions_
     return record
 
 
-def save_checkpoint(accelerator: Accelerator, args: TrainArguments, state: dict) -> None:
-    """accelerate state (model, optimizer, scheduler, RNG) + where the data order stands."""
-    directory = Path(args.output_dir) / "checkpoints" / f"step-{state['global_step']:07d}"
-    accelerator.save_state(str(directory))
-    if accelerator.is_main_process:
-        (directory / "trainer_state.json").write_text(json.dumps(state))
-        rotate_checkpoints(checkpoint_dirs(args.output_dir), args.save_total_limit)
-    accelerator.wait_for_everyone()
-
-
 if __name__ == "__main__":
-    outcome = main()
+    outcome = run_cli(main, errors=(ArgumentError, CheckpointError))
     if outcome.get("linear_probe"):
         print(outcome["linear_probe"]["table"])

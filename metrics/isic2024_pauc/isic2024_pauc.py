@@ -15,7 +15,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from .pauc import isic2024_pauc
+from .pauc import isic2024_pauc, top_k_sensitivity
 
 _DESCRIPTION = """\
 Partial area under the ROC curve above a minimum true-positive rate (default 80%), the official
@@ -31,9 +31,14 @@ Args:
         the positive class).
     references (`list` of `int`): binary targets, 1 = malignant.
     min_tpr (`float`, defaults to 0.8): the true-positive-rate threshold.
+    patient_ids (`list`, optional): the patient of each lesion; also computes the patient-level metric.
+    top_k (`int`, defaults to 15): lesions looked at per patient for the patient-level metric.
 
 Returns:
     pauc (`float`): the partial AUC, in [0, 1 - min_tpr]; NaN if the references hold one class.
+    top15_sensitivity (`float`, with patient_ids): over the patients with a malignant lesion, the mean share
+        of their malignant lesions among their `top_k` highest-scored lesions (the ISIC 2024 patient metric).
+    top15_found_fraction (`float`, with patient_ids): the share of all malignant lesions found that way.
 
 Examples:
     >>> pauc = evaluate.load("metrics/isic2024_pauc")
@@ -69,5 +74,11 @@ class Isic2024Pauc(evaluate.Metric):
             reference_urls=["https://www.kaggle.com/competitions/isic-2024-challenge/overview/evaluation"],
         )
 
-    def _compute(self, predictions: list[float], references: list[int], min_tpr: float = 0.8) -> dict:
-        return {"pauc": isic2024_pauc(references, predictions, min_tpr=min_tpr)}
+    def _compute(self, predictions: list[float], references: list[int], min_tpr: float = 0.8, patient_ids=None,
+                 top_k: int = 15) -> dict:
+        result = {"pauc": isic2024_pauc(references, predictions, min_tpr=min_tpr)}
+        if patient_ids is not None:
+            patient = top_k_sensitivity(references, predictions, patient_ids, k=top_k)
+            result.update({f"top{top_k}_sensitivity": patient["sensitivity"],
+                           f"top{top_k}_found_fraction": patient["found_fraction"]})
+        return result

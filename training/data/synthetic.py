@@ -33,8 +33,8 @@ N patients is the prefix of one of N + 1 patients, and the same seed gives ident
 
 CLI::
 
-    python -m training.synthetic kaggle --output-dir data/synthetic --patients 400 --seed 0
-    python -m training.synthetic report --patients 400 --seed 0 --output report.md
+    python -m training.data.synthetic kaggle --output-dir data/synthetic --patients 400 --seed 0
+    python -m training.data.synthetic report --patients 400 --seed 0 --output report.md
 """
 
 from __future__ import annotations
@@ -626,7 +626,7 @@ def report_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.data.synthetic", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("kaggle", "report"):
         command = commands.add_parser(name)
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = signal_report(args.patients, seed=args.seed, image_size=args.image_size,
                            malignant_rate=args.malignant_rate)
-    command_line = " ".join(["python -m training.synthetic"] + (sys.argv[1:] if argv is None else argv))
+    command_line = " ".join(["python -m training.data.synthetic"] + (sys.argv[1:] if argv is None else argv))
     text = (f"Command: `{command_line}`\n\n"
             f"{report_markdown(report)}\n\n```json\n{json.dumps(report, indent=2)}\n```\n")
     print(text)

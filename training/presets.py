@@ -50,14 +50,18 @@ def tower_sizes(model_size: str) -> dict:
     return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
 
 
+def schema_columns(schema: dict) -> list[str]:
+    """`patient_id` and every model-input column of a dataset's `schema.json`."""
+    return ["patient_id"] + [c for level in ("lesion", "patient") for kind in ("numerical", "categorical") for c in schema[level][kind]]
+
+
 def build_slimp_config(schema: dict, train_split, model_size: str = "tiny", vision_model_type: str = "vit",
                        image_size: int | None = None, vision: PreTrainedConfig | None = None, **overrides) -> SLIMPConfig:
     """SLIMPConfig for a converted dataset: metadata schema fitted on `train_split` (a `datasets.Dataset`
     or DataFrame), labels from `schema["label"]["names"]`, towers from the preset. `overrides` are
     SLIMPConfig fields (lesion_loss_weight, patient_aggregation, ...)."""
-    columns = ["patient_id"] + [c for level in ("lesion", "patient") for kind in ("numerical", "categorical") for c in schema[level][kind]]
     if hasattr(train_split, "select_columns"):
-        train_split = train_split.select_columns(columns).to_pandas()
+        train_split = train_split.select_columns(schema_columns(schema)).to_pandas()
     lesion, patient = SLIMPProcessor.fit_metadata_schema(
         train_split,
         lesion_numerical=schema["lesion"]["numerical"], lesion_categorical=schema["lesion"]["categorical"],
@@ -73,4 +77,4 @@ def build_slimp_config(schema: dict, train_split, model_size: str = "tiny", visi
     )
 
 
-__all__ = ["MODEL_SIZES", "VISION_MODEL_TYPES", "vision_config", "tower_sizes", "build_slimp_config"]
+__all__ = ["MODEL_SIZES", "VISION_MODEL_TYPES", "vision_config", "tower_sizes", "schema_columns", "build_slimp_config"]

@@ -12,8 +12,8 @@ chunks of at most K lesions, draws chunks from a shuffle buffer and emits batche
 distinct patients. A patient cut by a shard boundary becomes two partial patients; with shards of
 thousands of rows that is rare, and the shard count is yours to choose.
 
-The stream repeats epoch after epoch (`IterableDataset.set_epoch` reshuffles the shard order, and the
-buffer's order is a function of (seed, epoch, rank)), so the iterator never ends: every process takes
+The stream repeats epoch after epoch (the stream's own `IterableDataset.set_epoch` reshuffles the shard
+order, and the buffer's order is a function of (seed, epoch, rank)), so the iterator never ends: every process takes
 exactly one batch per micro-step, whatever its shards hold, and a run resumes exactly by skipping the
 number of batches it had consumed (`set_start_batch`; skipped batches are grouped but not decoded).
 Exact resume holds with `num_workers` <= 1 (one producer per process).
@@ -29,15 +29,13 @@ import datasets
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset
 
+from modeling_slimp.schema_slimp import near_equal_chunks
+
 
 def patient_chunks(rows: Iterator[dict], patient_column: str, max_lesions: int) -> Iterator[list[dict]]:
-    """Consecutive rows of one patient, cut into chunks of at most `max_lesions` near-equal parts."""
+    """Consecutive rows of one patient, cut into near-equal chunks of at most `max_lesions` (the sampler's rule)."""
     for _, group in itertools.groupby(rows, key=lambda row: row[patient_column]):
-        lesions = list(group)
-        parts = -(-len(lesions) // max_lesions)
-        size = -(-len(lesions) // parts)
-        for start in range(0, len(lesions), size):
-            yield lesions[start : start + size]
+        yield from near_equal_chunks(list(group), max_lesions)
 
 
 class StreamingPatientBatches(IterableDataset):
@@ -65,9 +63,6 @@ class StreamingPatientBatches(IterableDataset):
         self.patients_per_batch, self.max_lesions = patients_per_batch, max_lesions_per_patient
         self.rank, self.seed, self.buffer_chunks, self.patient_column = rank, seed, buffer_chunks, patient_column
         self.start_batch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epochs advance inside the endless iterator; kept for the sampler interface."""
 
     def set_start_batch(self, start_batch: int) -> None:
         """Skip the first `start_batch` batches of the run (exact resume)."""

@@ -10,7 +10,6 @@ Kaggle SLICE-3D `train-image.hdf5`, `FolderImageStore` for folders of image file
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import io
 import logging
 import os
@@ -21,20 +20,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from modeling_slimp import schema_slimp as contract
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 ISIC_LICENSE = "CC-BY-NC-4.0"
-
-# The 32 `tbp_lv_*` lesion measurements of ISIC 2024 (SPEC section 4).
-TBP_LV_MEASUREMENTS = tuple(
-    "tbp_lv_" + name
-    for name in (
-        "A Aext B Bext C Cext H Hext L Lext areaMM2 area_perim_ratio color_std_mean deltaA deltaB deltaL "
-        "deltaLB deltaLBnorm eccentricity minorAxisMM nevi_confidence norm_border norm_color perimeterMM "
-        "radial_color_std_max stdL stdLExt symm_2axis symm_2axis_angle x y z"
-    ).split()
-)
 
 
 class InputError(ValueError):
@@ -63,7 +54,6 @@ class SourceSpec:
     lesion_categorical: tuple[str, ...] = ()
     domain_column: Optional[str] = None
     never_input: tuple[str, ...] = ()  # fnmatch patterns of label-leaking columns; dropped from the data
-    na_values: tuple[str, ...] = ()  # source-specific spellings of "missing", on top of pandas' defaults
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
@@ -74,24 +64,24 @@ class SourceSpec:
         return (self.id_column, self.patient_column, self.label_column)
 
     def leaks(self, column: str) -> bool:
-        return column == self.label_column or any(fnmatch.fnmatchcase(column, p) for p in self.never_input)
+        return column == self.label_column or contract.leaks_label(column, self.never_input)
 
 
-ISIC2024 = SourceSpec(
+ISIC2024 = SourceSpec(  # the release schema itself: modeling_slimp/schema_slimp.py
     name="isic2024",
     license=ISIC_LICENSE,
     description="ISIC 2024 Challenge / SLICE-3D: 15x15 mm crops from 3D total-body photographs (Kaggle layout).",
-    id_column="isic_id",
-    patient_column="patient_id",
-    label_column="target",
+    id_column=contract.ISIC2024_ID_COLUMN,
+    patient_column=contract.PATIENT_COLUMN,
+    label_column=contract.ISIC2024_LABEL_COLUMN,
     label_names=("benign", "malignant"),
     label_map={"0": "benign", "1": "malignant"},
-    patient_numerical=("age_approx",),
-    patient_categorical=("sex",),
-    lesion_numerical=("clin_size_long_diam_mm",) + TBP_LV_MEASUREMENTS,
-    lesion_categorical=("anatom_site_general", "tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple"),
-    domain_column="attribution",
-    never_input=("target", "iddx_*", "mel_thick_mm", "mel_mitotic_index", "lesion_id"),
+    patient_numerical=contract.ISIC2024_PATIENT_NUMERICAL,
+    patient_categorical=tuple(contract.ISIC2024_PATIENT_CATEGORICAL),
+    lesion_numerical=contract.ISIC2024_LESION_NUMERICAL,
+    lesion_categorical=tuple(contract.ISIC2024_LESION_CATEGORICAL),
+    domain_column=contract.ISIC2024_DOMAIN_COLUMN,
+    never_input=contract.ISIC2024_NEVER_INPUT,
 )
 
 ISIC_ARCHIVE = SourceSpec(
@@ -125,7 +115,6 @@ HAM10000 = SourceSpec(
     patient_categorical=("sex",),
     lesion_categorical=("localization",),
     never_input=("dx", "dx_type"),
-    na_values=("unknown",),
 )
 
 PAD_UFES_20 = SourceSpec(
@@ -142,47 +131,62 @@ PAD_UFES_20 = SourceSpec(
     lesion_numerical=("diameter_1", "diameter_2"),
     lesion_categorical=("region", "itch", "grew", "hurt", "changed", "bleed", "elevation"),
     never_input=("diagnostic", "biopsed"),
-    na_values=("UNK",),
 )
 
 SYNTHETIC = dataclasses.replace(
     ISIC2024,
     name="synthetic",
     license="CC-BY-4.0",
-    description="Synthetic SLICE-3D-like lesions rendered by `training/synthetic.py` (ISIC 2024 columns).",
+    description="Synthetic SLICE-3D-like lesions rendered by `training/data/synthetic.py` (ISIC 2024 columns).",
 )
 
 SOURCES = {spec.name: spec for spec in (ISIC2024, ISIC_ARCHIVE, HAM10000, PAD_UFES_20, SYNTHETIC)}
 
 
-def read_metadata(path: str | os.PathLike, spec: SourceSpec) -> pd.DataFrame:
-    """Read a metadata CSV as pandas strings (missing = NaN); numerical feature columns become float64."""
+def read_metadata(path: str | os.PathLike, spec: SourceSpec, chunksize: int | None = None):
+    """Read a metadata CSV as strings, with the contract's missing values (`schema_slimp.MISSING_STRINGS`,
+    any case) as NaN. Returns the DataFrame, or with `chunksize` an iterator of DataFrames of that many rows.
+
+    Raises InputError for a missing or unreadable file, a missing required column, or a file without rows.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"metadata file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype=str, na_values=list(spec.na_values), keep_default_na=True)
+        reader = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, chunksize=chunksize or 10**12)
+        first = next(reader, None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not a readable CSV file ({error})") from error
+    if first is None or len(first) == 0:
+        columns = ", ".join(first.columns) if first is not None else "none"
+        raise InputError(f"{path}: the CSV has no data rows (columns: {columns}); nothing to convert")
     for column in spec.required_columns:
-        if column not in frame.columns:
+        if column not in first.columns:
             raise InputError(
-                f"{path}: required column {column!r} is missing (columns found: {', '.join(frame.columns)})"
+                f"{path}: required column {column!r} is missing (columns found: {', '.join(first.columns)})"
             )
-    for column in spec.patient_numerical + spec.lesion_numerical:
-        if column in frame.columns:
-            frame[column] = to_float(frame[column], f"{path}:{column}")
-    return frame
+
+    def chunks():
+        yield _missing_as_nan(first)
+        try:
+            for chunk in reader:
+                yield _missing_as_nan(chunk)
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not a readable CSV file ({error})") from error
+
+    return chunks() if chunksize else next(chunks())
 
 
-def to_float(values: pd.Series, where: str) -> pd.Series:
-    """Strings -> float64, missing -> NaN; values that are present but not numbers are reported, then NaN."""
+def _missing_as_nan(frame: pd.DataFrame) -> pd.DataFrame:
+    """Strings that spell "missing" (the contract's rule, any case and surrounding space) -> NaN."""
+    return frame.apply(lambda column: column.where(~column.str.strip().str.lower().isin(contract.MISSING_STRINGS)))
+
+
+def to_float(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Strings -> (float64 values, mask of the present values that are not finite numbers, now NaN)."""
     numbers = pd.to_numeric(values, errors="coerce").astype("float64")
-    bad = values.notna() & numbers.isna()
-    if bad.any():
-        logger.warning("%s: %d non-numeric values read as missing, e.g. %r", where, int(bad.sum()),
-                       values[bad].iloc[0])
-    return numbers
+    numbers = numbers.where(np.isfinite(numbers))
+    return numbers, values.notna() & numbers.isna()
 
 
 def looks_numerical(values: pd.Series) -> bool:

@@ -1,12 +1,11 @@
-"""What every script shares: typed arguments with a config-file shortcut, and strict JSON output."""
+"""What every script shares: typed arguments (`@dataclass` fields parsed by `HfArgumentParser`) with a
+config-file shortcut."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
-import numpy as np
 from transformers import HfArgumentParser
 
 
@@ -22,14 +21,15 @@ def parse_dataclasses(types: tuple, argv: list[str] | None = None) -> tuple:
     return tuple(parser.parse_args_into_dataclasses(args=argv))
 
 
-def to_jsonable(value):
-    """Nested results -> strict JSON values: numpy scalars to Python, NaN/inf to None, keys to str."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+class ArgumentError(ValueError):
+    """A command-line value that cannot work: raised before any data is read, reported as one line."""
+
+
+def run_cli(main, errors: tuple[type[BaseException], ...] = (ArgumentError,)):
+    """Run a script's `main()`; an expected error (a bad argument, a damaged checkpoint, bad data) is printed
+    as one line on stderr and the process exits with status 2, without a traceback."""
+    try:
+        return main()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,6 +1,6 @@
 """Load a dataset written by `python -m training.prepare_data` (layout: docs/data_format.md).
 
-    from training.data import load_slimp_dataset, read_schema
+    from training.data.dataset import load_slimp_dataset, read_schema
     train, schema = load_slimp_dataset("data/isic2024", "train")                 # datasets.Dataset
     stream, schema = load_slimp_dataset("data/isic2024", "train", streaming=True)  # IterableDataset
     schema["lesion"]["numerical"]  # the lesion-level numerical model inputs

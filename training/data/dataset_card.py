@@ -17,7 +17,7 @@ SOURCE_NOTES = {
     "isic-archive": "The ISIC Archive, https://www.isic-archive.com (per-image attribution in `attribution`).",
     "ham10000": "HAM10000 (Tschandl, Rosendahl, Kittler, Sci. Data 2018), https://doi.org/10.7910/DVN/DBW86T.",
     "pad-ufes-20": "PAD-UFES-20 (Pacheco et al., Data in Brief 2020), https://doi.org/10.17632/zr7vgbcyr2.1.",
-    "synthetic": "Synthetic SLICE-3D-like data rendered by SLIMP's `training/synthetic.py`.",
+    "synthetic": "Synthetic SLICE-3D-like data rendered by SLIMP's `training/data/synthetic.py`.",
 }
 
 
@@ -83,7 +83,7 @@ Domain column: {schema['domain_column'] or '(none)'}. Other columns, never model
 ## Usage
 
 ```python
-from training.data import load_slimp_dataset
+from training.data.dataset import load_slimp_dataset
 train, schema = load_slimp_dataset("path/or/repo_id", split="train")
 ```
 """

@@ -1,0 +1,167 @@
+"""Batch collation for SLIMP: dataset rows -> fixed-size uint8 images + encoded metadata, and the device
+step that turns them into model inputs.
+
+Rows are what a `datasets.Dataset` in the shared layout (docs/data_format.md) yields: ``image``,
+``image_id``, ``patient_id``, ``label`` and the raw metadata columns. The collator runs in the DataLoader
+workers and does only what must happen on the CPU: decode each image once (naming the ``image_id`` of
+any that fails), convert it to RGB, resize it to the model's size and stack the batch as uint8; encode
+the metadata with the processor (vectorised, grouping lesions by patient); and, for training, draw each
+image's augmentation parameters (`augment.draw_parameters`). `BatchTransform` then applies the
+augmentation (`augment.augment`) and the image processor's normalisation on the training device.
+
+Randomness: with ``seed=None`` each image's generator is seeded from torch's global RNG. With
+``seed=int`` (what `pretrain.py` uses) each image's augmentation is a function of (seed, epoch,
+``image_id``, view) only: the same whichever batch, worker or process collates it, and after a resume
+from a checkpoint, which is what makes resumed and multi-process runs reproduce a single uninterrupted
+one. Call `set_epoch` each epoch (non-persistent DataLoader workers copy the collator when an epoch starts).
+
+Usage::
+
+    collator = SLIMPCollator(processor, train=True, two_views=True, seed=0)
+    loader = DataLoader(ds, batch_sampler=PatientBatchSampler(...), collate_fn=collator, num_workers=4)
+    transform = BatchTransform(processor)
+    for batch in loader:
+        inputs = transform(batch, device)          # pixel_values (+ ssl_pixel_values), metadata, labels
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from modeling_slimp import SLIMPProcessor
+from modeling_slimp.processing_slimp import to_rgb
+
+from .augment import AugmentationConfig, augment, draw_parameters
+
+PIXELS = "pixels"  # (N, 3, H, W) uint8 images at the model's size
+PARAMETERS = "augment_parameters"  # (N, K) float, one row of augment.draw_parameters per image
+SSL_PARAMETERS = "ssl_augment_parameters"  # the second view's
+
+
+def decode_image(value: Any, image_id: Any, size: tuple[int, int]) -> np.ndarray:
+    """A dataset's image value (PIL image, ``{"bytes", "path"}`` dict, bytes or path) -> (H, W, 3) uint8 RGB
+    at `size` (height, width), resized bilinearly as the processor's image processor does.
+
+    Raises:
+        ValueError: naming `image_id` when the image cannot be decoded.
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            image = Image.open(value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+        image.load()  # PIL decodes lazily: force it here so the error names the image
+        image = to_rgb(image)
+    except Exception as error:
+        raise ValueError(f"cannot decode the image of image_id={image_id!r}: {error}") from error
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+class SLIMPCollator:
+    """Collate dataset rows into a SLIMP batch of uint8 images, the processor's metadata keys and ``labels``.
+
+    Args:
+        processor: the `SLIMPProcessor` (image size and normalisation, metadata schema).
+        train: draw augmentation parameters (True) or not (False: evaluation, deterministic).
+        two_views: also draw a second, independent view's parameters, for the SimCLR term; needs ``train``.
+        augmentation: augmentation strengths (default `AugmentationConfig()`).
+        seed: seed of the per-image generators (see the module docstring); None uses torch's global RNG.
+        image_column, id_column, label_column: column names of the dataset layout.
+
+    Calling it on N rows returns a `BatchFeature` with ``pixels`` (N, 3, H, W) uint8, the metadata tensors
+    and ``patient_index`` (N,) of the processor, ``labels`` (N,) long when the rows have labels, and for
+    training ``augment_parameters`` (N, K) (and ``ssl_augment_parameters`` with `two_views`).
+    """
+
+    def __init__(self, processor: SLIMPProcessor, train: bool, two_views: bool = False,
+                 augmentation: AugmentationConfig | None = None, seed: int | None = None, image_column: str = "image",
+                 id_column: str = "image_id", label_column: str = "label") -> None:
+        if two_views and not train:
+            raise ValueError("two_views=True needs train=True: the second view is an augmentation")
+        if getattr(processor.image_processor, "do_center_crop", False):
+            raise ValueError(f"SLIMPCollator resizes images to the processor's size; {type(processor.image_processor).__name__} "
+                             "also crops. Build the processor with a resize-only image processor (ViTImageProcessorPil).")
+        self.processor = processor
+        self.train, self.two_views = train, two_views
+        self.augmentation = augmentation or AugmentationConfig()
+        self.size = processor.image_size
+        self.image_column, self.id_column, self.label_column = image_column, id_column, label_column
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch mixed into the seeded augmentations (see the module docstring)."""
+        self.epoch = epoch
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> BatchFeature:
+        ids = [row.get(self.id_column, i) for i, row in enumerate(rows)]
+        pixels = np.stack([decode_image(row[self.image_column], image_id, self.size) for row, image_id in zip(rows, ids)])
+        metadata = [{key: value for key, value in row.items() if key != self.image_column} for row in rows]
+        batch = BatchFeature(self.processor.encode_metadata(metadata))
+        batch[PIXELS] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+        if rows and all(row.get(self.label_column) is not None for row in rows):
+            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        if self.train:
+            batch[PARAMETERS] = self.parameters(ids, view=0)
+            if self.two_views:
+                batch[SSL_PARAMETERS] = self.parameters(ids, view=1)
+        return batch
+
+    def parameters(self, image_ids: Sequence, view: int) -> torch.Tensor:
+        """(N, K) augmentation parameters of one view of each image."""
+        aspect = self.size[1] / self.size[0]
+        return torch.tensor([draw_parameters(self.augmentation, self._image_generator(i, view), aspect) for i in image_ids],
+                            dtype=torch.float32)
+
+    def _image_generator(self, image_id: Any, view: int) -> torch.Generator:
+        """A generator for one view of one image: from (seed, epoch, image_id, view) when seeded, else
+        from torch's global RNG."""
+        if self.seed is None:
+            return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        entropy = [self.seed, self.epoch, zlib.crc32(str(image_id).encode()), view]
+        state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+        return torch.Generator().manual_seed(state)
+
+
+class BatchTransform:
+    """The device half of collation: a collated batch -> model inputs on `device`.
+
+    Moves the tensors, augments the images when the batch carries augmentation parameters (the second
+    view too: ``ssl_pixel_values``), and normalises them as the processor's image processor does.
+    """
+
+    def __init__(self, processor: SLIMPProcessor) -> None:
+        self.processor = processor
+        self.size = processor.image_size
+
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        batch = {key: value.to(device, non_blocking=True) if device is not None else value for key, value in batch.items()}
+        pixels = batch.pop(PIXELS)
+        parameters, ssl_parameters = batch.pop(PARAMETERS, None), batch.pop(SSL_PARAMETERS, None)
+        views = {"pixel_values": parameters, "ssl_pixel_values": ssl_parameters}
+        for key, params in views.items():
+            if key == "pixel_values" or params is not None:
+                images = augment(pixels, params, self.size) if params is not None else pixels
+                batch[key] = self.processor.normalize(images)
+        return batch
+
+
+__all__ = ["SLIMPCollator", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]

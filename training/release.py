@@ -1,0 +1,243 @@
+"""What a finished run leaves behind: the linear probe beside an untrained model, and the release folder
+(the Hub repo): weights, code, processor, a model card (README.md rendered from MODEL_CARD.md with the
+measured results) and results.json.
+
+Nothing patient-level goes into the folder: the card and `results.json` hold aggregate metrics, the
+dataset's name and split sizes, and the training arguments with local paths reduced to their last part.
+Checkpoints, logs and evaluation outputs live beside the folder; `push_release` uploads the folder
+without them (`PUSH_IGNORE`, which a test checks with huggingface_hub's own filter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from modeling_slimp import SLIMPModel
+from training.data.dataset import load_slimp_dataset
+from training.embeddings import embed_split
+from training.probe import DEFAULT_REPRESENTATION, linear_probe, probe_inputs
+from training.results import write_json
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
+PROBE_FEATURE_SETS = ("image", "image+metadata", "image+metadata+context")
+# Never uploaded with a release folder, even if a user put them there.
+PUSH_IGNORE = ["checkpoints/*", "checkpoint-*", "runs/*", "logs/*", "eval/*", "*.tfevents.*", "**/events.out.tfevents.*",
+               "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "bank/*", "*.parquet"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(value: str | None) -> bool:
+    """True for `org/name` that is not a local path (what the Hub accepts in `base_model` and `datasets`)."""
+    return bool(value) and bool(HUB_ID.match(str(value))) and not Path(str(value)).exists()
+
+
+def public_value(value):
+    """An argument value fit to publish: absolute local paths become their last component."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_value(v) for v in value]
+    return value
+
+
+def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
+                 representation: str = DEFAULT_REPRESENTATION) -> dict:
+    """Linear probe (train split -> test split) of `model` and of an untrained model of the same config."""
+    train, _ = load_slimp_dataset(dataset_dir, "train")
+    test, _ = load_slimp_dataset(dataset_dir, "test")
+    torch.manual_seed(seed)
+    untrained = SLIMPModel(model.config).to(model.device)
+    rows = {}
+    for name, candidate in (("untrained", untrained), ("SLIMP", model)):
+        train_features, test_features = embed_split(candidate, train, collator), embed_split(candidate, test, collator)
+        for feature_set in PROBE_FEATURE_SETS:
+            rows[f"{name} / {feature_set}"] = linear_probe(
+                probe_inputs(train_features, feature_set, representation), train_features["labels"],
+                probe_inputs(test_features, feature_set, representation), test_features["labels"], seed=seed,
+                test_patient_ids=test_features["patient_ids"])
+    model.train()
+    del untrained
+    table = ("| model / features | AUROC | pAUC (TPR>80%) | top-15 sensitivity | balanced acc. |\n|---|---|---|---|---|\n"
+             + "\n".join(f"| {name} | {m['auroc']:.3f} | {m['pauc_80tpr']:.4f} | {m['top15_sensitivity']:.3f} | "
+                         f"{m['balanced_accuracy']:.3f} |" for name, m in rows.items()))
+    return {"rows": rows, "table": table, "representation": representation, "train_lesions": len(train),
+            "test_lesions": len(test)}
+
+
+def _dataset_summary(dataset_dir: str) -> dict:
+    import json
+
+    summary_file = Path(dataset_dir) / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return {name: {k: v for k, v in split.items() if k in ("patients", "lesions", "labels")}
+            for name, split in summary.get("splits", {}).items()}
+
+
+def how_to_use(task: str, model_id: str) -> str:
+    """The card's "How to use" block (Python); a test runs it with `model_id` pointing at the folder."""
+    if task == "classification":
+        return f'''```python
+from PIL import Image
+from transformers import AutoModelForImageClassification, AutoProcessor, pipeline
+
+model_id = "{model_id}"
+classifier = pipeline("image-classification", model=model_id, trust_remote_code=True)  # image only
+print(classifier(Image.new("RGB", (128, 128), (180, 120, 100))))
+
+# With metadata and the patient's other lesions (the processor groups lesions by patient_id):
+model = AutoModelForImageClassification.from_pretrained(model_id, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+rows = [{{"patient_id": "p1", "age_approx": 55, "sex": "male", "clin_size_long_diam_mm": 4.2}},
+        {{"patient_id": "p1", "age_approx": 55, "sex": "male", "clin_size_long_diam_mm": 9.0}}]
+images = [Image.new("RGB", (128, 128), (180, 120, 100)), Image.new("RGB", (128, 128), (90, 60, 50))]
+logits = model(**processor(images=images, metadata=rows, return_tensors="pt")).logits
+print(logits.softmax(-1))
+```'''
+    return f'''```python
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model_id = "{model_id}"
+model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()   # SLIMPModel, an encoder
+processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)  # SLIMPProcessor
+rows = [{{"patient_id": "p1", "age_approx": 55, "sex": "male", "anatom_site_general": "posterior torso",
+         "clin_size_long_diam_mm": 4.2}}]                     # any subset of the columns; the rest is missing
+batch = processor(images=[Image.new("RGB", (128, 128), (180, 120, 100))], metadata=rows, return_tensors="pt")
+with torch.no_grad():
+    out = model(**batch)
+print(out.image_embeds.shape, out.phenotype_embeds.shape)     # (N, D) lesions, (P, D) patients
+```'''
+
+
+def render_model_card(config, schema: dict, dataset_dir: str, results: dict, task: str = "pretraining",
+                      model_id: str | None = None, base_model: str | None = None) -> str:
+    """MODEL_CARD.md with its YAML completed and its {{...}} filled.
+
+    The YAML says what the folder is: `pipeline_tag: image-feature-extraction` for an encoder,
+    `image-classification` for a classifier; the licence of the data actually used; `datasets` and
+    `base_model` only when they are Hub ids; `model-index` with the measured results.
+    """
+    text = MODEL_CARD_TEMPLATE.read_text()
+    _, header, body = text.split("---", 2)
+    meta = yaml.safe_load(header)
+    source = schema.get("source", "unknown")
+    meta["pipeline_tag"] = "image-classification" if task == "classification" else "image-feature-extraction"
+    meta["license"] = str(schema.get("license") or meta.get("license", "other")).lower()
+    hub_dataset = schema.get("hub_dataset_id")
+    if is_hub_id(hub_dataset):
+        meta["datasets"] = [hub_dataset]
+    else:
+        meta.pop("datasets", None)
+    if is_hub_id(base_model):
+        meta["base_model"] = base_model
+    meta["metrics"] = ["roc_auc", "isic2024_pauc", "balanced_accuracy", "recall"]
+    meta["model-index"] = _model_index(model_id or "slimp", source, results, task)
+    splits = _dataset_summary(dataset_dir)
+    fills = {
+        "MODEL_KIND": "SLIMPForLesionClassification (fine-tuned classifier)" if task == "classification" else "SLIMPModel (pre-trained encoder)",
+        "ARCHITECTURE": _architecture(config),
+        "HOW_TO_USE": how_to_use(task, model_id or "path/to/this/folder"),
+        "TRAINING_DATA": f"Source: `{source}` (licence {meta['license']}); splits (patients / lesions): "
+        + ", ".join(f"{k}: {v.get('patients', '?')} / {v.get('lesions', '?')}" for k, v in splits.items())
+        + ". Splits are patient-disjoint."
+        + (" **The data is synthetic** (`training/data/synthetic.py`): this checkpoint is a software demonstration, "
+           "not a skin model." if source == "synthetic" else ""),
+        "METADATA_FEATURES": _features(config),
+        "RESULTS": _results_table(results),
+        "TRAINING_ARGS": "```yaml\n" + yaml.safe_dump(public_value(results.get("train_args", {})), sort_keys=False) + "```",
+    }
+    for key, value in fills.items():
+        body = body.replace("{{" + key + "}}", value)
+    leftover = re.findall(r"\{\{[A-Z_]+\}\}", body)
+    if leftover:
+        raise ValueError(f"{MODEL_CARD_TEMPLATE} has placeholders with no value: {leftover}")
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---" + body
+
+
+def _model_index(name: str, source: str, results: dict, task: str) -> list[dict]:
+    metrics = []
+    probe = (results.get("linear_probe") or {}).get("rows", {})
+    for row, values in probe.items():
+        if row.startswith("SLIMP"):
+            feature_set = row.split(" / ")[1]
+            metrics += [{"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"linear probe AUROC ({feature_set})"},
+                        {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"linear probe pAUC>80%TPR ({feature_set})"}]
+    for split, values in (results.get("classification") or {}).items():
+        metrics += [{"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"{split} AUROC"},
+                    {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"{split} pAUC>80%TPR"}]
+    task_type = "image-classification" if task == "classification" else "image-feature-extraction"
+    return [{"name": name, "results": [{"task": {"type": task_type, "name": "malignancy classification"},
+                                         "dataset": {"type": source, "name": source, "split": "test"},
+                                         "metrics": metrics or [{"type": "roc_auc", "value": None, "name": "not measured"}]}]}]
+
+
+def _architecture(config) -> str:
+    vision = config.vision_config
+    return (f"image tower `{type(vision).__name__}` ({getattr(vision, 'image_size', '?')} px); metadata towers: FT-Transformer "
+            f"{config.lesion_metadata_config.hidden_size}x{config.lesion_metadata_config.num_hidden_layers} (lesion), "
+            f"{config.patient_metadata_config.hidden_size}x{config.patient_metadata_config.num_hidden_layers} (patient); "
+            f"projection {config.projection_dim}; λ = {config.lesion_loss_weight}; aggregation `{config.patient_aggregation}`; "
+            f"image SSL weight {config.image_ssl_weight}; classifier features `{config.classifier_features}` "
+            f"({config.classifier_representation}).")
+
+
+def _features(config) -> str:
+    parts = []
+    for level, schema in (("lesion", config.lesion_metadata_config), ("patient", config.patient_metadata_config)):
+        parts.append(f"- {level}: numerical {', '.join(f'`{f}`' for f in schema.numerical_features) or 'none'}; "
+                     f"categorical {', '.join(f'`{f}`' for f in schema.categorical_features) or 'none'}")
+    return "\n".join(parts)
+
+
+def _results_table(results: dict) -> str:
+    lines = []
+    if results.get("linear_probe"):
+        lines += [f"Linear probe (logistic regression on frozen features ({results['linear_probe'].get('representation', 'tower')} "
+                  "representation), train split -> patient-disjoint test split):", "", results["linear_probe"]["table"], ""]
+    if results.get("classification"):
+        lines += ["| split | AUROC | pAUC (TPR>80%) | top-15 sensitivity | balanced acc. |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {m['auroc']:.3f} | {m['pauc_80tpr']:.4f} | {m.get('top15_sensitivity', float('nan')):.3f} | "
+                  f"{m['balanced_accuracy']:.3f} |" for s, m in results["classification"].items()]
+        lines.append("")
+    if results.get("validation"):
+        lines += ["Validation (retrieval recall@k and contrastive losses): " + ", ".join(
+            f"{k.removeprefix('val/')} {v:.3f}" for k, v in results["validation"].items())]
+    return "\n".join(lines) or "No evaluation was run for this checkpoint."
+
+
+def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: str, results: dict, task: str = "pretraining",
+                 hub_model_id: str | None = None, base_model: str | None = None, card_only: bool = False) -> Path:
+    """save_pretrained (safetensors + code + auto_map), the processor, README.md and results.json.
+
+    `card_only`: rewrite README.md and results.json only (e.g. once the probe has run)."""
+    output = Path(output_dir)
+    if not card_only:
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+    (output / "README.md").write_text(render_model_card(model.config, schema, dataset_dir, results, task, hub_model_id, base_model))
+    write_json(output / "results.json", public_value(results))
+    logger.info("saved %s to %s", type(model).__name__, output)
+    return output
+
+
+def push_release(folder: str | Path, repo_id: str, private: bool = False) -> None:
+    """Upload a release folder to the Hub model repo `repo_id`, without checkpoints, logs or pickles."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, exist_ok=True, private=private)
+    upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=PUSH_IGNORE)
+
+
+__all__ = ["probe_report", "render_model_card", "save_release", "push_release", "how_to_use", "PUSH_IGNORE", "is_hub_id",
+           "public_value"]
