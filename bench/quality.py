@@ -1,34 +1,45 @@
-"""Representation quality of SLIMP beside its baselines: same data, same budget, several seeds (SPEC section 5).
+"""Representation quality of SLIMP beside its baselines and the ISIC 2024 tabular recipe (SPEC section 5).
 
-    python bench/quality.py                                     # the README numbers -> bench/results/quality/
-    python bench/quality.py --max_steps 400 --patients 500 --output_dir /tmp/quality
+    python bench/quality.py                                      # the README numbers -> bench/results/quality/
+    python bench/quality.py --curve_steps 0 100 300 1000 --variants slimp_mean simclr --output_dir bench/results/curve
+    python bench/quality.py --variants slimp_mean --seeds 0 --extra_args "--exclude_features *ext* *Ext*" \\
+        --label no-ext --output_dir /tmp/ablation                # an ablation: any pretrain.py arguments
     python bench/quality.py --dataset_dir data/isic2024 --model_size small --max_steps 5000   # any converted dataset
-    python bench/quality.py --quick --output_dir /tmp/quality-quick                          # ~2 min: the smoke test's run
+    python bench/quality.py --quick --output_dir /tmp/quality-quick                          # seconds: the smoke test's run
 
 Pre-training variants, each with the same steps, batch (P patients x up to K lesions), model preset,
 resolution, learning-rate schedule and data (the train split only; pre-training never sees labels):
 
 | variant | pretrain.py arguments | what it is |
 |---|---|---|
-| `random` | none: an untrained SLIMPModel, saved with `save_pretrained` | the floor (same initialisation as the others at that seed) |
+| `random` | none: an untrained SLIMPModel | the floor (same initialisation as the others at that seed) |
 | `simclr` | `--image_ssl_weight 1` | image-only SimCLR (metadata towers stay untrained) |
 | `clip_flat` | `--lesion_loss_weight 1` | flat lesion-level image <-> metadata CLIP (patient tower untrained) |
 | `slimp_mean` | `--lesion_loss_weight 0.5 --patient_aggregation mean` | SLIMP as in the paper |
 | `slimp_attention` | `--lesion_loss_weight 0.5 --patient_aggregation attention` | SLIMP with gated attention pooling |
+| `slimp_ssl` | `--lesion_loss_weight 0.5 --image_ssl_weight 0.3` | SLIMP + image self-supervision |
 
-Each checkpoint is then evaluated by `training/evaluate.py` (`main`): logistic-regression probes on the
-frozen features of the train split, scored on the patient-disjoint test split, full and k-shot (k lesions
-per class), for the `image` and `image+metadata` feature sets (AUROC and the ISIC 2024 pAUC above 80%
-TPR), and image -> lesion-metadata retrieval recall@k on the test split. The k-shot draws depend on the
-pre-training seed only (`--kshot_draws` draws per checkpoint), so every variant of one seed sees the same
-draws and the same initialisation: the comparisons are paired. Each checkpoint's numbers are averaged
-over its draws; the tables give mean ± sample std over the pre-training seeds, and a paired table of
-SLIMP minus each baseline (per-seed differences). Nothing here is a significance test: with 3 seeds, a
-difference smaller than its std is noise.
+Evaluation of each checkpoint (`training/embeddings.py` once per split, `training/evaluate.py` protocol):
+logistic-regression probes on the frozen features of the train split, scored on the patient-disjoint
+validation and test splits, full and k-shot, for the four feature sets of `training/probe.py` (`image`,
+`image+context`, `image+metadata`, `image+metadata+context`) read from both representations (`tower`
+outputs before the projections, `projection` embeddings); AUROC, the ISIC 2024 pAUC above 80% TPR, the
+ISIC 2024 patient metric (top-15 sensitivity); image -> lesion-metadata retrieval recall@k; and the
+tabular recipe (`bench/anchors.py`, LightGBM on raw + patient-relative metadata) with the variant's
+features added. Reference rows without pre-training: logistic regression and LightGBM on the raw metadata,
+absolute and patient-relative. The headline representation is the one with the better mean *validation*
+AUROC of the context probe; "best configuration" is the SLIMP variant with the best validation context
+probe: test numbers never choose anything.
 
-Writes `quality.json` (every run's metrics and wall time, the aggregates, the exact command line and the
-environment), `quality.md` (the tables) and `kshot.png` into `--output_dir`; datasets and checkpoints go
-to `--work_dir` (default `outputs/bench-quality`, git-ignored). Prints the JSON path and the tables.
+The k-shot draws depend on the pre-training seed only, so every variant of one seed sees the same draws
+and the same initialisation: the comparisons are paired. Tables give mean ± sample std over the seeds and
+a paired table of SLIMP minus each baseline. With `--curve_steps`, each variant is pre-trained once per
+seed for the largest step count and its checkpoints at each listed step are evaluated (step 0 = the
+untrained model): probe quality against the pre-training budget.
+
+Writes `quality.json` (every run's metrics and wall time, the aggregates, the command line and the
+environment), `quality.md` (the tables) and `kshot.png` (or `curve.png`) into `--output_dir`; datasets and
+checkpoints go to `--work_dir` (default `outputs/bench-quality`, git-ignored).
 """
 
 from __future__ import annotations
@@ -48,9 +59,10 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import environment  # noqa: E402
-from training.results import to_jsonable  # noqa: E402
-from training.evaluate import summarise  # noqa: E402
-from training.probe import FEATURE_SETS  # noqa: E402
+from training.evaluate import evaluate_features, summarise  # noqa: E402
+from training.metrics import classification_metrics  # noqa: E402
+from training.probe import FEATURE_SETS, probe_inputs  # noqa: E402
+from training.results import write_json  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 
@@ -61,62 +73,69 @@ VARIANTS: dict[str, tuple[list[str] | None, str]] = {
     "clip_flat": (["--lesion_loss_weight", "1"], "flat lesion-level image-metadata CLIP (λ = 1)"),
     "slimp_mean": (["--lesion_loss_weight", "0.5", "--patient_aggregation", "mean"], "SLIMP, mean pooling (λ = 0.5)"),
     "slimp_attention": (["--lesion_loss_weight", "0.5", "--patient_aggregation", "attention"], "SLIMP, attention pooling (λ = 0.5)"),
+    "slimp_ssl": (["--lesion_loss_weight", "0.5", "--image_ssl_weight", "0.3"], "SLIMP + image self-supervision (w = 0.3)"),
 }
-SLIMP_VARIANTS = ("slimp_mean", "slimp_attention")
-EVAL_SPLIT = "test"
-
-# (metric key, column title) of the main table.
+SLIMP_VARIANTS = ("slimp_mean", "slimp_attention", "slimp_ssl")
+REPRESENTATIONS = ("tower", "projection")
+SPLITS = ("train", "validation", "test")
+CONTEXT = "image+metadata+context"  # the headline probe: what a dermatologist sees
+# (metric key without the representation, column title) of the main table.
 HEADLINE = [
-    ("probe/image/auroc", "probe AUROC (image)"),
-    ("probe/image+metadata/auroc", "probe AUROC (image+meta)"),
-    ("probe/image/pauc_80tpr", "pAUC (image)"),
-    ("probe/image+metadata/pauc_80tpr", "pAUC (image+meta)"),
-    ("kshot/image/10/auroc", "10-shot AUROC (image)"),
-    ("kshot/image+metadata/10/auroc", "10-shot AUROC (image+meta)"),
-    ("retrieval/image_to_metadata_recall@10", "recall@10 image→meta"),
+    ("probe/image/auroc@test", "AUROC image"),
+    ("probe/image+context/auroc@test", "AUROC image+context"),
+    ("probe/image+metadata/auroc@test", "AUROC image+meta"),
+    (f"probe/{CONTEXT}/auroc@test", "AUROC image+meta+context"),
+    (f"probe/{CONTEXT}/pauc_80tpr@test", "pAUC image+meta+context"),
+    (f"probe/{CONTEXT}/top15_sensitivity@test", "top-15 image+meta+context"),
+    (f"kshot/{CONTEXT}/10/auroc", "10-shot AUROC image+meta+context"),
+    ("kshot/image/10/auroc", "10-shot AUROC image"),
 ]
+RETRIEVAL = "retrieval/image_to_metadata_recall@10"
 
 
 @dataclass
 class QualityArguments:
-    output_dir: str = field(default="bench/results/quality", metadata={"help": "Where quality.json, quality.md and kshot.png go."})
+    output_dir: str = field(default="bench/results/quality", metadata={"help": "Where quality.json, quality.md and the plot go."})
     work_dir: str | None = field(default=None, metadata={"help": "Datasets and checkpoints (default outputs/bench-quality[-quick])."})
     dataset_dir: str | None = field(default=None, metadata={"help": "A converted dataset to use instead of building the synthetic one."})
     patients: int = field(default=500, metadata={"help": "Patients of the synthetic dataset (split 70/10/20 by patient)."})
-    dataset_seed: int = 0
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic dataset."})
     dataset_image_size: int | None = field(default=None, metadata={"help": "Side of the synthetic images (default: the generator's)."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {list(VARIANTS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Pre-training seeds."})
-    max_steps: int = field(default=80, metadata={"help": "Optimizer steps of every pre-training run."})
-    warmup_steps: int = 10
-    learning_rate: float = 1e-3
-    patients_per_batch: int = 16
-    max_lesions_per_patient: int = 8
-    model_size: str = "tiny"
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps of every pre-training run."})
+    curve_steps: list[int] = field(default_factory=list, metadata={"help": "Evaluate the checkpoints at these steps of one run of max(curve_steps) steps (a budget curve)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Warm-up steps of every run."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of every run."})
+    patients_per_batch: int = field(default=16, metadata={"help": "P of every run."})
+    max_lesions_per_patient: int = field(default=8, metadata={"help": "K of every run."})
+    model_size: str = field(default="tiny", metadata={"help": "Model preset."})
     image_size: int = field(default=64, metadata={"help": "Model resolution (the tiny preset's is 64)."})
     num_workers: int = field(default=1, metadata={"help": "DataLoader workers of pre-training."})
+    extra_args: str = field(default="", metadata={"help": "More pretrain.py arguments for every pre-trained variant (ablations), e.g. \"--feature_dropout 0.3\"."})
+    label: str = field(default="", metadata={"help": "A name for this configuration (runs are stored under it)."})
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50], metadata={"help": "k of the k-shot probes."})
     kshot_draws: int = field(default=1, metadata={"help": "k-shot draws (probe seeds) per checkpoint; seed s uses draws s*n .. s*n+n-1."})
+    anchors: bool = field(default=True, metadata={"help": "Also the tabular rows (logistic regression / LightGBM on raw metadata, and the recipe + each variant's features)."})
     reuse_runs: bool = field(default=False, metadata={"help": "Reuse a run whose record in work_dir has the same arguments."})
     quick: bool = field(default=False, metadata={"help": "Smoke-test preset: 24 patients, 1 seed, 2 steps, 32 px."})
+
+    def __post_init__(self):
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(self, key, value)
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"--variants must be a non-empty subset of {list(VARIANTS)}, got {self.variants}")
+        if not self.seeds or self.kshot_draws < 1:
+            raise ValueError("--seeds needs at least one seed and --kshot_draws at least 1")
+        if self.curve_steps and (min(self.curve_steps) < 0 or len(set(self.curve_steps)) != len(self.curve_steps)):
+            raise ValueError(f"--curve_steps must be distinct and >= 0, got {self.curve_steps}")
+        self.work_dir = self.work_dir or ("outputs/bench-quality-quick" if self.quick else "outputs/bench-quality")
 
 
 QUICK = dict(patients=24, dataset_image_size=48, seeds=[0], max_steps=2, warmup_steps=1, patients_per_batch=4,
              max_lesions_per_patient=4, image_size=32, num_workers=0)
-
-
-def parse_args(argv: list[str]) -> QualityArguments:
-    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.variants:
-        raise ValueError(f"--variants must be a non-empty subset of {list(VARIANTS)}, got {args.variants}")
-    if not args.seeds or args.kshot_draws < 1:
-        raise ValueError("--seeds needs at least one seed and --kshot_draws at least 1")
-    args.work_dir = args.work_dir or ("outputs/bench-quality-quick" if args.quick else "outputs/bench-quality")
-    return args
 
 
 # ----- runs -----
@@ -128,122 +147,211 @@ def build_dataset(args: QualityArguments) -> str:
     name = f"synthetic-p{args.patients}-seed{args.dataset_seed}" + (f"-{args.dataset_image_size}px" if args.dataset_image_size else "")
     directory = Path(args.work_dir) / "data" / name
     if not (directory / "summary.json").is_file():
-        from training.data import convert as prepare_data
+        from training.data import convert
 
         command = ["synthetic", "--patients", str(args.patients), "--seed", str(args.dataset_seed), "--output-dir", str(directory)]
         if args.dataset_image_size:
             command += ["--image-size", str(args.dataset_image_size)]
-        prepare_data.main(command + (["--overwrite"] if directory.exists() else []))
+        convert.main(command + (["--overwrite"] if directory.exists() else []))
     return str(directory)
 
 
 def pretrain_argv(args: QualityArguments, variant: str, dataset_dir: str, model_dir: Path, seed: int) -> list[str]:
+    steps = max(args.curve_steps) if args.curve_steps else args.max_steps
+    save = ["--save_steps", str(math.gcd(*[s for s in args.curve_steps if s > 0])), "--save_total_limit", "0"] \
+        if args.curve_steps else ["--save_steps", "0"]
     return ["--dataset_dir", dataset_dir, "--output_dir", str(model_dir), "--model_size", args.model_size,
-            "--image_size", str(args.image_size), "--max_steps", str(args.max_steps), "--warmup_steps", str(args.warmup_steps),
+            "--image_size", str(args.image_size), "--max_steps", str(steps), "--warmup_steps", str(args.warmup_steps),
             "--learning_rate", str(args.learning_rate), "--patients_per_batch", str(args.patients_per_batch),
             "--max_lesions_per_patient", str(args.max_lesions_per_patient), "--num_workers", str(args.num_workers),
-            "--seed", str(seed), "--eval_steps", "0", "--save_steps", "0", "--linear_probe", "false",
-            "--logging_steps", str(max(1, args.max_steps // 10)), *VARIANTS[variant][0]]
+            "--seed", str(seed), "--eval_steps", "0", *save, "--linear_probe", "false",
+            "--logging_steps", str(max(1, steps // 20)), *VARIANTS[variant][0], *shlex.split(args.extra_args)]
 
 
-def save_untrained(args: QualityArguments, dataset_dir: str, model_dir: Path, seed: int) -> None:
-    """The `random` variant: the model pretrain.py would start from at this seed, saved untouched."""
+def initial_model(args: QualityArguments, dataset_dir: str, seed: int, variant: str = "random"):
+    """The model pretrain.py starts from at this seed (and its processor), untouched."""
     from accelerate.utils import set_seed
-    from transformers import ViTImageProcessorPil
 
-    from modeling_slimp import SLIMPProcessor
     from training.data.dataset import load_slimp_dataset
-    from training.pretrain import ModelArguments, build_model
+    from training.pretrain import build_model, build_processor, parse_args
 
+    argv = pretrain_argv(args, variant if VARIANTS[variant][0] else "slimp_mean", dataset_dir, Path("unused"), seed)
+    _, model_args, _ = parse_args(argv)
+    if VARIANTS[variant][0] is None:  # the random variant: the pre-training arguments of SLIMP, never trained
+        model_args.lesion_loss_weight, model_args.image_ssl_weight = 0.5, 0.0
     set_seed(seed)  # as pretrain.main does before building its model
     train_split, schema = load_slimp_dataset(dataset_dir, "train")
-    model = build_model(ModelArguments(model_size=args.model_size, image_size=args.image_size), schema, train_split)
-    size = model.config.vision_config.image_size if hasattr(model.config.vision_config, "image_size") else args.image_size
-    model.save_pretrained(model_dir)
-    SLIMPProcessor(ViTImageProcessorPil(size={"height": size, "width": size}), model.config).save_pretrained(model_dir)
+    model = build_model(model_args, schema, train_split)
+    return model, build_processor(model, model_args)
 
 
-def run_metrics(results: dict) -> dict[str, float]:
-    """evaluate.py's results on the test split -> flat `{key: value}`, each value averaged over the draws."""
-    metrics = {}
-    for feature_set, by_metric in results["linear_probe"][EVAL_SPLIT].items():
-        for name, summary in by_metric.items():
-            metrics[f"probe/{feature_set}/{name}"] = summary["mean"]
-    for feature_set, by_k in results["kshot"].get(EVAL_SPLIT, {}).items():
-        for k, by_metric in by_k.items():
-            for name, summary in by_metric.items():
-                metrics[f"kshot/{feature_set}/{k}/{name}"] = summary["mean"]
-    for name, value in results["retrieval"][EVAL_SPLIT].items():
-        metrics[f"retrieval/{name}"] = value
-    return metrics
+def checkpoints_of(args: QualityArguments, variant: str, dataset_dir: str, run_dir: Path, seed: int):
+    """(step, model, processor) for each step to evaluate: the final model, or the curve's checkpoints."""
+    from safetensors.torch import load_file
+
+    from modeling_slimp import SLIMPModel, SLIMPProcessor
+
+    if VARIANTS[variant][0] is None:
+        yield 0, *initial_model(args, dataset_dir, seed, variant)
+        return
+    if not args.curve_steps:
+        yield args.max_steps, SLIMPModel.from_pretrained(run_dir / "model"), SLIMPProcessor.from_pretrained(run_dir / "model")
+        return
+    for step in sorted(args.curve_steps):
+        model, processor = initial_model(args, dataset_dir, seed, variant)
+        if step > 0:
+            model.load_state_dict(load_file(str(run_dir / "model-checkpoints" / f"step-{step:07d}" / "model.safetensors")))
+        yield step, model, processor
 
 
-def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str) -> dict:
-    """Pre-train (or save the untrained model), evaluate, and return the run's record."""
-    from training import evaluate, pretrain
+def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], args: QualityArguments, draws: list[int],
+                        tabular: dict | None) -> tuple[dict, dict]:
+    """Every number of one checkpoint: probes (both representations), k-shot, retrieval, recipe + features."""
+    from training.data.collate import SLIMPCollator
+    from training.embeddings import embed_split
 
-    run_dir = Path(args.work_dir) / "runs" / f"{variant}-seed{seed}"
-    model_dir, record_file = run_dir / "model", run_dir / "record.json"
-    train_argv = None if VARIANTS[variant][0] is None else pretrain_argv(args, variant, dataset_dir, model_dir, seed)
+    collator = SLIMPCollator(processor, train=False)
+    features = {name: embed_split(model, split, collator) for name, split in splits.items()}
+    metrics, skipped = {}, []
+    for representation in REPRESENTATIONS:
+        results, _ = evaluate_features(features, "train", ["validation", "test"], label_names, draws, args.shots,
+                                       representation=representation)
+        skipped = results["kshot_skipped"]
+        for split, by_set in results["linear_probe"].items():
+            for feature_set, by_metric in by_set.items():
+                for name, summary in by_metric.items():
+                    metrics[f"{representation}/probe/{feature_set}/{name}@{split}"] = summary["mean"]
+        for feature_set, by_k in results["kshot"].get("test", {}).items():
+            for k, by_metric in by_k.items():
+                for name, summary in by_metric.items():
+                    metrics[f"{representation}/kshot/{feature_set}/{k}/{name}"] = summary["mean"]
+        if representation == REPRESENTATIONS[0]:
+            metrics.update({f"retrieval/{k}": v for k, v in results["retrieval"]["test"].items()})
+    if tabular is not None:
+        from bench.anchors import fit_and_score
+
+        for representation in REPRESENTATIONS:
+            learned = {s: probe_inputs(features[s], CONTEXT, representation) for s in ("train", "test")}
+            x = {s: np.concatenate([tabular["relative"][s], learned[s]], axis=1) for s in ("train", "test")}
+            (score,) = fit_and_score("lightgbm", x["train"], features["train"]["labels"], [x["test"]], seed=draws[0])
+            for name, value in _scores(features["test"]["labels"], score, features["test"]["patient_ids"]).items():
+                metrics[f"{representation}/recipe+features/{name}"] = value
+    return metrics, {"kshot_skipped": skipped}
+
+
+def _scores(labels: np.ndarray, score: np.ndarray, patient_ids) -> dict[str, float]:
+    logits = np.stack([np.zeros_like(score), np.log(np.clip(score, 1e-12, 1)) - np.log(np.clip(1 - score, 1e-12, 1))], 1)
+    return classification_metrics(labels, logits, patient_ids=patient_ids)
+
+
+def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str, splits: dict, tabular: dict | None) -> list[dict]:
+    """Pre-train (or take the untrained model), evaluate each step, and return one record per step."""
+    from training import pretrain
+
+    run_dir = Path(args.work_dir) / "runs" / (args.label or "default") / f"{variant}-seed{seed}"
+    record_file = run_dir / "records.json"
+    train_argv = None if VARIANTS[variant][0] is None else pretrain_argv(args, variant, dataset_dir, run_dir / "model", seed)
     draws = [seed * args.kshot_draws + i for i in range(args.kshot_draws)]
-    eval_argv = ["--model_dir", str(model_dir), "--dataset_dir", dataset_dir, "--output_dir", str(run_dir / "eval"),
-                 "--seeds", *map(str, draws), "--shots", *map(str, args.shots), "--splits", "train", EVAL_SPLIT]
-    identity = {"variant": variant, "seed": seed, "pretrain_argv": train_argv, "evaluate_argv": eval_argv,
-                "model_size": args.model_size, "image_size": args.image_size}
+    identity = {"variant": variant, "seed": seed, "pretrain_argv": train_argv, "curve_steps": args.curve_steps,
+                "shots": args.shots, "draws": draws, "anchors": args.anchors}
     if args.reuse_runs and record_file.is_file():
-        record = json.loads(record_file.read_text())
-        if all(record.get(k) == v for k, v in identity.items()):
+        records = json.loads(record_file.read_text())
+        if all(records[0].get(k) == v for k, v in identity.items()):
             logger.info("%s seed %d: reusing %s", variant, seed, record_file)
-            return record
-
+            return records
     start = time.perf_counter()
     pretrained = {}
-    if train_argv is None:
-        save_untrained(args, dataset_dir, model_dir, seed)
-    else:
+    if train_argv is not None:
         outcome = pretrain.main(train_argv)
-        last = outcome["history"][-1] if outcome["history"] else {}
-        pretrained = {"global_step": outcome["global_step"], "final_train": last, "validation": outcome.get("validation")}
+        tail = outcome["history"][-3:]
+        pretrained = {"global_step": outcome["global_step"], "final_train": outcome["history"][-1] if tail else {},
+                      "patient_loss_last": float(np.mean([r["train/patient_loss"] for r in tail])) if tail else None,
+                      "chance_patient_loss": math.log(args.patients_per_batch), "validation": outcome.get("validation")}
     pretrain_s = time.perf_counter() - start
-    results = evaluate.main(eval_argv)
-    evaluate_s = time.perf_counter() - start - pretrain_s
-    record = {**identity, "pretrain": pretrained, "metrics": run_metrics(results), "kshot_skipped": results["kshot_skipped"],
-              "test_split": results["splits"][EVAL_SPLIT], "wall_s": {"pretrain": pretrain_s, "evaluate": evaluate_s}}
-    record_file.write_text(json.dumps(record, indent=1, default=float))
-    logger.info("%s seed %d: pre-training %.0f s, evaluation %.0f s, probe AUROC image %.3f / image+metadata %.3f",
-                variant, seed, pretrain_s, evaluate_s, record["metrics"]["probe/image/auroc"],
-                record["metrics"]["probe/image+metadata/auroc"])
-    return record
+    label_names = list(splits["train"].features["label"].names)
+    records = []
+    for step, model, processor in checkpoints_of(args, variant, dataset_dir, run_dir, seed):
+        begin = time.perf_counter()
+        metrics, notes = evaluate_checkpoint(model, processor, splits, label_names, args, draws, tabular)
+        records.append({**identity, "step": step, "pretrain": pretrained, "metrics": metrics, **notes,
+                        "wall_s": {"pretrain": pretrain_s, "evaluate": time.perf_counter() - begin}})
+        logger.info("%s seed %d step %d: context-probe AUROC tower %.3f / projection %.3f", variant, seed, step,
+                    metrics[f"tower/probe/{CONTEXT}/auroc@test"], metrics[f"projection/probe/{CONTEXT}/auroc@test"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(record_file, records)
+    return records
+
+
+def tabular_anchors(splits: dict, schema: dict, seeds: list[int]) -> tuple[dict, dict]:
+    """The reference rows (no pre-training) on the test split, over the seeds: {row: {metric: summary}}."""
+    from bench.anchors import MODELS, fit_and_score, tabular_matrices
+
+    matrices = tabular_matrices(splits, schema)
+    labels = {s: np.asarray(splits[s]["label"]) for s in ("train", "test")}
+    rows = {}
+    for view in ("absolute", "relative"):
+        for model in MODELS:
+            values = []
+            for seed in seeds:
+                (score,) = fit_and_score(model, matrices[view]["train"], labels["train"], [matrices[view]["test"]], seed)
+                values.append(_scores(labels["test"], score, splits["test"]["patient_id"]))
+            rows[f"{model} / {view} metadata"] = {m: summarise([v[m] for v in values]) for m in values[0]}
+    return rows, matrices
 
 
 # ----- aggregation -----
 
-def aggregate(runs: list[dict], variants: list[str]) -> dict:
-    """Per variant: `{key: summarise(values over pre-training seeds)}`, and its wall time."""
-    out = {}
+def key(representation: str, metric: str) -> str:
+    return metric if metric.startswith("retrieval/") else f"{representation}/{metric}"
+
+
+def aggregate(records: list[dict], variants: list[str]) -> dict:
+    """Per variant and step: `{metric: summarise(values over seeds)}` and wall time."""
+    out: dict = {}
     for variant in variants:
-        mine = [r for r in runs if r["variant"] == variant]
-        keys = sorted({k for r in mine for k in r["metrics"]})
-        out[variant] = {
-            "description": VARIANTS[variant][1],
-            "seeds": [r["seed"] for r in mine],
-            "metrics": {k: summarise([r["metrics"].get(k, float("nan")) for r in mine]) for k in keys},
-            "wall_s": {"pretrain": sum(r["wall_s"]["pretrain"] for r in mine), "evaluate": sum(r["wall_s"]["evaluate"] for r in mine),
-                       "total": sum(r["wall_s"]["pretrain"] + r["wall_s"]["evaluate"] for r in mine)},
-        }
+        for step in sorted({r["step"] for r in records if r["variant"] == variant}):
+            mine = [r for r in records if r["variant"] == variant and r["step"] == step]
+            names = sorted({k for r in mine for k in r["metrics"]})
+            entry = {"description": VARIANTS[variant][1], "seeds": [r["seed"] for r in mine], "step": step,
+                     "metrics": {k: summarise([r["metrics"].get(k, float("nan")) for r in mine]) for k in names},
+                     "wall_s": sum(r["wall_s"]["pretrain"] + r["wall_s"]["evaluate"] for r in mine)}
+            losses = [r["pretrain"].get("patient_loss_last") for r in mine if r["pretrain"]]
+            if losses and all(v is not None for v in losses):
+                entry["patient_loss_last"] = summarise(losses)
+                entry["chance_patient_loss"] = mine[0]["pretrain"]["chance_patient_loss"]
+            out.setdefault(variant, {})[str(step)] = entry
     return out
 
 
-def paired_differences(runs: list[dict], variants: list[str]) -> dict:
-    """SLIMP minus each baseline, per headline metric: summarise() of the per-seed differences."""
-    by = {(r["variant"], r["seed"]): r["metrics"] for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
+def choose_representation(aggregated: dict) -> dict:
+    """The representation whose context probe validates better, averaged over variants (validation only)."""
+    means = {}
+    for representation in REPRESENTATIONS:
+        values = [entry["metrics"][f"{representation}/probe/{CONTEXT}/auroc@validation"]["mean"]
+                  for steps in aggregated.values() for entry in steps.values()]
+        means[representation] = float(np.nanmean(values))
+    return {"chosen": max(means, key=means.get), "validation_context_auroc": means}
+
+
+def best_configuration(aggregated: dict, representation: str) -> str | None:
+    """The SLIMP variant with the best mean validation context-probe AUROC (at the final step)."""
+    candidates = {v: steps[max(steps, key=int)]["metrics"][f"{representation}/probe/{CONTEXT}/auroc@validation"]["mean"]
+                  for v, steps in aggregated.items() if v in SLIMP_VARIANTS}
+    return max(candidates, key=candidates.get) if candidates else None
+
+
+def paired_differences(records: list[dict], variants: list[str], representation: str) -> dict:
+    """SLIMP minus each baseline at the final step, per headline metric: summarise() of per-seed differences."""
+    final = {(r["variant"], r["seed"]): r["metrics"] for r in records if r["step"] == max(x["step"] for x in records if x["variant"] == r["variant"])}
+    seeds = sorted({r["seed"] for r in records})
     out = {}
+    metrics = [metric for metric, _ in HEADLINE] + [RETRIEVAL]
     for slimp in [v for v in variants if v in SLIMP_VARIANTS]:
         for baseline in [v for v in variants if v not in SLIMP_VARIANTS]:
             out[f"{slimp} - {baseline}"] = {
-                key: summarise([by[slimp, s].get(key, float("nan")) - by[baseline, s].get(key, float("nan")) for s in seeds])
-                for key, _ in HEADLINE}
+                metric: summarise([final[slimp, s].get(key(representation, metric), float("nan"))
+                                   - final[baseline, s].get(key(representation, metric), float("nan")) for s in seeds])
+                for metric in metrics}
     return out
 
 
@@ -256,125 +364,163 @@ def verdict(difference: dict) -> str:
     return "WORSE" if -difference["mean"] > difference["std"] else "not better"
 
 
+def targets(aggregated: dict, diffs: dict, anchors: dict, best: str | None, representation: str) -> list[dict]:
+    """The issue's acceptance checks, each with what was measured."""
+    if best is None:
+        return []
+    checks = []
+    for baseline in [b for b in ("random", "simclr", "clip_flat") if f"{best} - {b}" in diffs]:
+        for metric, title in ((f"probe/{CONTEXT}/auroc@test", "context-probe AUROC"), (f"probe/{CONTEXT}/pauc_80tpr@test", "context-probe pAUC"),
+                              (f"kshot/{CONTEXT}/10/auroc", "10-shot context-probe AUROC")):
+            d = diffs[f"{best} - {baseline}"][metric]
+            checks.append({"check": f"{best} beats {baseline} on {title} by more than the seed std",
+                           "measured": f"{d['mean']:+.4f} ± {d['std']:.4f}", "met": verdict(d) == "better"})
+    if f"{best} - random" in diffs:
+        d = diffs[f"{best} - random"]["probe/image/auroc@test"]
+        checks.append({"check": f"{best}'s image-only probe beats random init's", "measured": f"{d['mean']:+.4f} ± {d['std']:.4f}",
+                       "met": verdict(d) == "better"})
+    final = aggregated[best][max(aggregated[best], key=int)]
+    anchor = anchors.get("lightgbm / relative metadata", {}).get("auroc")
+    if anchor:
+        mine = final["metrics"][f"{representation}/probe/{CONTEXT}/auroc@test"]["mean"]
+        checks.append({"check": "context probe within 0.02 AUROC of the LightGBM patient-relative anchor, or above",
+                       "measured": f"{mine:.3f} vs {anchor['mean']:.3f}", "met": mine >= anchor["mean"] - 0.02})
+    if "patient_loss_last" in final:
+        loss, chance = final["patient_loss_last"]["mean"], final["chance_patient_loss"]
+        checks.append({"check": "the patient loss ends at least 10% below chance (ln P)", "measured": f"{loss:.3f} vs ln P = {chance:.3f}",
+                       "met": loss <= 0.9 * chance})
+    return checks
+
+
 # ----- report -----
 
 def cell(summary: dict | None, digits: int = 3) -> str:
-    if not summary or summary["n"] == 0:
+    if not summary or summary["n"] == 0 or not math.isfinite(summary["mean"]):
         return "n/a"
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def digits_of(metric: str) -> int:
+    return 4 if "pauc" in metric else 3
 
 
 def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def digits_of(key: str) -> int:
-    return 4 if "pauc" in key else 3
-
-
 def render_markdown(result: dict) -> str:
-    args, aggregated, diffs = result["arguments"], result["variants"], result["paired_differences"]
-    variants, split = list(aggregated), result["test_split"]
-    seeds = args["seeds"]
+    args, aggregated = result["arguments"], result["variants"]
+    representation, split = result["representation"]["chosen"], result["test_split"]
+    variants = list(aggregated)
     lines = [
-        "# SLIMP representation quality vs baselines", "",
-        f"Dataset `{result['dataset_dir']}`; test split: {split['patients']} patients, {split['lesions']} lesions "
+        "# SLIMP representation quality vs baselines and the ISIC 2024 tabular recipe", "",
+        f"Dataset `{result['dataset_name']}`; test split: {split['patients']} patients, {split['lesions']} lesions "
         f"({', '.join(f'{n} {name}' for name, n in split['labels'].items())}), patient-disjoint from the train split. "
-        f"Every variant: `{args['model_size']}` preset at {args['image_size']} px, {args['max_steps']} steps of "
-        f"{args['patients_per_batch']} patients x up to {args['max_lesions_per_patient']} lesions, lr {args['learning_rate']}. "
-        f"Mean ± std over {len(seeds)} pre-training seed(s) {seeds}; k-shot: {args['kshot_draws']} draw(s) per checkpoint, "
-        "the same draws for every variant of a seed.", "",
-        "Variants: " + "; ".join(f"`{v}`: {aggregated[v]['description']}" for v in variants) + ". "
-        "`random` and `simclr` leave the metadata towers untrained (random features), `clip_flat` the patient tower.", "",
-        "| variant | " + " | ".join(title for _, title in HEADLINE) + " | wall time |",
-        "|---|" + "---|" * (len(HEADLINE) + 1)]
-    best = {key: max(aggregated[v]["metrics"].get(key, {"mean": -math.inf})["mean"] for v in variants) for key, _ in HEADLINE}
-    for variant in variants:
-        metrics = aggregated[variant]["metrics"]
-        cells = []
-        for key, _ in HEADLINE:
-            text = cell(metrics.get(key), digits_of(key))
-            cells.append(f"**{text}**" if key in metrics and metrics[key]["n"] and metrics[key]["mean"] == best[key] else text)
-        lines.append(f"| `{variant}` | " + " | ".join(cells) + f" | {duration(aggregated[variant]['wall_s']['total'])} |")
-    chance = result["variants"][variants[0]]["metrics"].get("retrieval/chance_recall@10")
-    lines += ["", f"Bold: best mean of the column. pAUC ranges 0-0.2 (random ≈ 0.02). Retrieval chance recall@10: "
-                  f"{chance['mean']:.3f}." if chance else ""]
-
-    ks = sorted({int(key.split("/")[2]) for v in variants for key in aggregated[v]["metrics"] if key.startswith("kshot/")})
-    lines += ["", "## k-shot linear probe AUROC (k lesions per class) and the full probe", "",
-              "| variant | features | " + " | ".join(f"k = {k}" for k in ks) + " | full |", "|---|---|" + "---|" * (len(ks) + 1)]
-    for variant in variants:
-        metrics = aggregated[variant]["metrics"]
-        for feature_set in FEATURE_SETS:
-            cells = [cell(metrics.get(f"kshot/{feature_set}/{k}/auroc")) for k in ks] + [cell(metrics.get(f"probe/{feature_set}/auroc"))]
-            lines.append(f"| `{variant}` | {feature_set} | " + " | ".join(cells) + " |")
-    skipped = {s["k"]: s["reason"] for r in result["runs"] for s in r["kshot_skipped"]}
-    lines += [f"- k = {k} skipped: {reason}" for k, reason in sorted(skipped.items())]
-
-    if diffs:
+        f"Every variant: `{args['model_size']}` preset at {args['image_size']} px, "
+        f"{max(args['curve_steps']) if args['curve_steps'] else args['max_steps']} steps of {args['patients_per_batch']} patients x up to "
+        f"{args['max_lesions_per_patient']} lesions, lr {args['learning_rate']}"
+        + (f", extra arguments `{args['extra_args']}`" if args["extra_args"] else "") + ". "
+        f"Mean ± std over {len(args['seeds'])} pre-training seed(s) {args['seeds']}.", "",
+        "Variants: " + "; ".join(f"`{v}`: {VARIANTS[v][1]}" for v in variants) + ".", "",
+        f"Probes read the **{representation}** representation, the one whose context probe validates better "
+        f"(validation AUROC of `{CONTEXT}`, mean over variants: "
+        + ", ".join(f"{r} {v:.3f}" for r, v in result["representation"]["validation_context_auroc"].items()) + ").", ""]
+    if args["curve_steps"]:
+        lines += _curve_table(aggregated, representation)
+    else:
+        lines += _main_table(aggregated, representation)
+    if result["anchors"]:
+        lines += ["", "## Reference rows without pre-training (test split, mean ± std over seeds)", "",
+                  "| model | AUROC | pAUC | top-15 sensitivity |", "|---|---|---|---|"]
+        lines += [f"| {row} | {cell(m['auroc'])} | {cell(m['pauc_80tpr'], 4)} | {cell(m['top15_sensitivity'])} |"
+                  for row, m in result["anchors"].items()]
+        lines += ["", f"And the recipe (LightGBM on raw + patient-relative metadata) with each variant's `{CONTEXT}` features "
+                      f"({representation}) added:", "", "| variant | AUROC | pAUC | top-15 sensitivity |", "|---|---|---|---|"]
+        for variant, steps in aggregated.items():
+            m = steps[max(steps, key=int)]["metrics"]
+            lines.append(f"| `{variant}` | {cell(m.get(f'{representation}/recipe+features/auroc'))} | "
+                         f"{cell(m.get(f'{representation}/recipe+features/pauc_80tpr'), 4)} | "
+                         f"{cell(m.get(f'{representation}/recipe+features/top15_sensitivity'))} |")
+    lines += ["", "## Representation: tower outputs vs projected embeddings (validation AUROC, final step)", "",
+              "| variant | " + " | ".join(f"{fs} tower / projection" for fs in FEATURE_SETS) + " |", "|---|" + "---|" * len(FEATURE_SETS)]
+    for variant, steps in aggregated.items():
+        m = steps[max(steps, key=int)]["metrics"]
+        lines.append(f"| `{variant}` | " + " | ".join(
+            f"{cell(m.get(f'tower/probe/{fs}/auroc@validation'))} / {cell(m.get(f'projection/probe/{fs}/auroc@validation'))}"
+            for fs in FEATURE_SETS) + " |")
+    losses = [(v, s[max(s, key=int)]) for v, s in aggregated.items() if "patient_loss_last" in s[max(s, key=int)]]
+    if losses:
+        lines += ["", "Final training patient loss (mean of the last logged values) vs chance ln P: " + "; ".join(
+            f"`{v}` {cell(e['patient_loss_last'])} (ln P = {e['chance_patient_loss']:.3f})" for v, e in losses) + "."]
+    if result["paired_differences"]:
         lines += ["", "## Paired differences: SLIMP minus baseline (per-seed differences, mean ± std)", "",
-                  "| comparison | " + " | ".join(title for _, title in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
-        for comparison, by_key in diffs.items():
+                  "| comparison | " + " | ".join(t for _, t in HEADLINE) + " | recall@10 |", "|---|" + "---|" * (len(HEADLINE) + 1)]
+        for comparison, by_metric in result["paired_differences"].items():
             lines.append(f"| {comparison} | " + " | ".join(
-                f"{cell(by_key[key], digits_of(key))} {verdict(by_key[key])}" if by_key[key]["n"] else "n/a"
-                for key, _ in HEADLINE) + " |")
-        lines += ["", "better / WORSE: the mean difference exceeds its std over seeds; otherwise the difference is noise "
-                      "(\"not separable (+)\" when SLIMP is ahead, \"not better\" when it is behind or tied).", "",
-                  "## Where SLIMP does not beat a baseline", ""] + shortfalls(diffs)
+                f"{cell(by_metric[m], digits_of(m))} {verdict(by_metric[m])}" for m, _ in HEADLINE + [(RETRIEVAL, "")]) + " |")
+    if result["targets"]:
+        lines += ["", f"## Targets (best configuration by validation: `{result['best_configuration']}`)", "",
+                  "| check | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['check']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in result["targets"]]
     lines += ["", f"Command: `{result['command']}`  ", f"Total wall time: {duration(result['wall_s'])} "
-              f"(load average at the start {result['environment']['load_average_1m']} on {result['environment']['cpu_count']} cores). "
-              "Plot: `kshot.png`."]
+              f"(load average at the start {result['environment']['load_average_1m']} on {result['environment']['cpu_count']} cores)."]
     return "\n".join(lines) + "\n"
 
 
-def shortfalls(diffs: dict) -> list[str]:
-    """Plain sentences: per SLIMP variant, the columns where it beats every baseline by more than the noise,
-    then per baseline where it is worse, where the difference is noise, and where it is better."""
-    titles = dict(HEADLINE)
-    lines = []
-    for slimp in SLIMP_VARIANTS:
-        mine = {c.split(" - ")[1]: by_key for c, by_key in diffs.items() if c.startswith(slimp + " - ")}
-        if not mine:
-            continue
-        wins = [titles[key] for key, _ in HEADLINE if all(by_key[key]["n"] and verdict(by_key[key]) == "better" for by_key in mine.values())]
-        lines.append(f"- `{slimp}` beats every baseline ({', '.join(mine)}) by more than the noise on {len(wins)} of {len(HEADLINE)} "
-                     f"columns{': ' + ', '.join(wins) if wins else ''}.")
-        for baseline, by_key in mine.items():
-            groups = {"worse": [], "no clear difference": [], "better": []}
-            for key, _ in HEADLINE:
-                word = verdict(by_key[key])
-                if word == "n/a":
-                    continue
-                group = "worse" if word == "WORSE" else "better" if word == "better" else "no clear difference"
-                groups[group].append(f"{titles[key]} {by_key[key]['mean']:+.{digits_of(key)}f} ± {by_key[key]['std']:.{digits_of(key)}f}")
-            parts = [f"{name} on {', '.join(items)}" for name, items in groups.items() if items]
-            lines.append(f"  - vs `{baseline}`: " + "; ".join(parts) + ".")
+def _main_table(aggregated: dict, representation: str) -> list[str]:
+    lines = ["| variant | " + " | ".join(t for _, t in HEADLINE) + " | recall@10 image→meta | wall time |",
+             "|---|" + "---|" * (len(HEADLINE) + 2)]
+    finals = {v: s[max(s, key=int)] for v, s in aggregated.items()}
+    best = {m: max((e["metrics"].get(key(representation, m), {"mean": -math.inf})["mean"] for e in finals.values()),
+                   default=None) for m, _ in HEADLINE + [(RETRIEVAL, "")]}
+    for variant, entry in finals.items():
+        cells = []
+        for metric, _ in HEADLINE + [(RETRIEVAL, "")]:
+            summary = entry["metrics"].get(key(representation, metric))
+            text = cell(summary, digits_of(metric))
+            cells.append(f"**{text}**" if summary and summary["n"] and summary["mean"] == best[metric] else text)
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + f" | {duration(entry['wall_s'])} |")
+    lines += ["", "Bold: best mean of the column. pAUC ranges 0-0.2 (random ≈ 0.02); top-15: share of each patient's "
+                  "malignant lesions among its 15 highest-scored, over patients with one."]
     return lines
 
 
-def plot_kshot(result: dict, path: Path) -> None:
-    """AUROC vs k per variant (error bars: std over pre-training seeds), one panel per feature set, the
-    full probe as the last point."""
+def _curve_table(aggregated: dict, representation: str) -> list[str]:
+    steps = sorted({int(s) for v in aggregated.values() for s in v})
+    lines = ["## Probe AUROC against pre-training steps (test split)", "",
+             "| variant | features | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for variant, by_step in aggregated.items():
+        for feature_set in ("image", CONTEXT):
+            cells = [cell(by_step.get(str(s), {}).get("metrics", {}).get(f"{representation}/probe/{feature_set}/auroc@test"))
+                     for s in steps]
+            lines.append(f"| `{variant}` | {feature_set} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    """Budget curve (AUROC vs steps) or the k-shot curve (AUROC vs k) of the context probe, per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    aggregated = result["variants"]
-    ks = sorted({int(key.split("/")[2]) for v in aggregated.values() for key in v["metrics"] if key.startswith("kshot/")})
-    positions = np.arange(len(ks) + 1)
-    figure, axes = plt.subplots(1, len(FEATURE_SETS), figsize=(10, 4), sharey=True)
-    for axis, feature_set in zip(axes, FEATURE_SETS):
-        for index, (variant, values) in enumerate(aggregated.items()):
-            keys = [f"kshot/{feature_set}/{k}/auroc" for k in ks] + [f"probe/{feature_set}/auroc"]
-            summaries = [values["metrics"].get(key, {"mean": np.nan, "std": np.nan}) for key in keys]
-            offset = (index - (len(aggregated) - 1) / 2) * 0.06  # side by side, so the error bars stay readable
-            axis.errorbar(positions + offset, [s["mean"] for s in summaries], yerr=[s["std"] for s in summaries],
-                          marker="o", capsize=3, label=variant)
+    representation, aggregated = result["representation"]["chosen"], result["variants"]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, feature_set in zip(axes, ("image", CONTEXT)):
+        for variant, by_step in aggregated.items():
+            if result["arguments"]["curve_steps"]:
+                xs = sorted(int(s) for s in by_step)
+                ys = [by_step[str(s)]["metrics"][f"{representation}/probe/{feature_set}/auroc@test"] for s in xs]
+                axis.set(xlabel="pre-training steps")
+            else:
+                final = by_step[max(by_step, key=int)]["metrics"]
+                xs = sorted({int(k.split("/")[3]) for k in final if k.startswith(f"{representation}/kshot/{feature_set}/")})
+                ys = [final[f"{representation}/kshot/{feature_set}/{k}/auroc"] for k in xs]
+                axis.set(xlabel="k (lesions per class)", xscale="log")
+            axis.errorbar(xs, [y["mean"] for y in ys], yerr=[y["std"] for y in ys], marker="o", capsize=3, label=variant)
         axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-        axis.set_xticks(positions, [str(k) for k in ks] + ["full"])
-        axis.set(xlabel="k (lesions per class)", title=f"{feature_set} features, {EVAL_SPLIT} split")
-    axes[0].set_ylabel("AUROC (mean ± std over seeds)")
+        axis.set(title=f"{feature_set} ({representation})")
+    axes[0].set_ylabel("test AUROC (mean ± std over seeds)")
     axes[-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -383,30 +529,42 @@ def plot_kshot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from training.data.dataset import load_slimp_dataset
+
     start = time.perf_counter()
     env = environment()
     dataset_dir = build_dataset(args)
-    dataset_s = time.perf_counter() - start
-    runs = []
+    splits = {name: load_slimp_dataset(dataset_dir, name)[0] for name in SPLITS}
+    schema = load_slimp_dataset(dataset_dir, "train")[1]
+    anchors, matrices = tabular_anchors(splits, schema, args.seeds) if args.anchors else ({}, None)
+    records = []
     plan = [(seed, variant) for seed in args.seeds for variant in args.variants]  # seed-major: a partial run has whole seeds
     for number, (seed, variant) in enumerate(plan, 1):
         logger.info("run %d/%d: %s, seed %d (%.0f s so far)", number, len(plan), variant, seed, time.perf_counter() - start)
-        runs.append(run_one(args, variant, seed, dataset_dir))
+        records += run_one(args, variant, seed, dataset_dir, splits, matrices)
+    aggregated = aggregate(records, args.variants)
+    representation = choose_representation(aggregated)
+    diffs = paired_differences(records, args.variants, representation["chosen"]) if not args.curve_steps else {}
+    best = best_configuration(aggregated, representation["chosen"])
+    test_labels = np.asarray(splits["test"]["label"])
     result = {
-        "command": shlex.join(["python", "bench/quality.py", *argv]),
-        "arguments": asdict(args), "environment": env, "dataset_dir": dataset_dir, "test_split": runs[0]["test_split"],
-        "variants": aggregate(runs, args.variants), "paired_differences": paired_differences(runs, args.variants),
-        "runs": runs, "wall_s_dataset": dataset_s,
+        "command": shlex.join(["python", "bench/quality.py", *argv]), "arguments": asdict(args), "environment": env,
+        "dataset_name": Path(dataset_dir).name, "representation": representation, "best_configuration": best,
+        "test_split": {"patients": len(set(splits["test"]["patient_id"])), "lesions": len(test_labels),
+                       "labels": {n: int((test_labels == i).sum()) for i, n in enumerate(splits["test"].features["label"].names)}},
+        "anchors": anchors, "variants": aggregated, "paired_differences": diffs,
+        "targets": targets(aggregated, diffs, anchors, best, representation["chosen"]) if diffs else [],
+        "runs": records,
     }
     result["wall_s"] = time.perf_counter() - start
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "quality.json").write_text(json.dumps(to_jsonable(result), indent=1))
+    write_json(output / "quality.json", result)
     table = render_markdown(result)
     (output / "quality.md").write_text(table)
-    plot_kshot(result, output / "kshot.png")
+    plot(result, output / ("curve.png" if args.curve_steps else "kshot.png"))
     print(output / "quality.json")
     print(table)
     return result

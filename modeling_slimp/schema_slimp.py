@@ -99,9 +99,14 @@ def parse_number(value: Any) -> tuple[float, bool]:
     return (number, True) if math.isfinite(number) else (math.nan, False)
 
 
+def matches_any(column: str, patterns: Iterable[str]) -> bool:
+    """True when `column` matches one of the fnmatch `patterns` (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(column, pattern) for pattern in patterns)
+
+
 def leaks_label(column: str, patterns: Iterable[str] = ISIC2024_NEVER_INPUT) -> bool:
     """True when `column` matches one of the never-input patterns."""
-    return any(fnmatch.fnmatchcase(column, pattern) for pattern in patterns)
+    return matches_any(column, patterns)
 
 
 # ----- grouping rows by patient -----
@@ -145,5 +150,5 @@ __all__ = [
     "PATIENT_COLUMN", "ISIC2024_ID_COLUMN", "ISIC2024_LABEL_COLUMN", "ISIC2024_DOMAIN_COLUMN", "TBP_LV_MEASUREMENTS",
     "ISIC2024_LESION_NUMERICAL", "ISIC2024_LESION_CATEGORICAL", "ISIC2024_PATIENT_NUMERICAL",
     "ISIC2024_PATIENT_CATEGORICAL", "ISIC2024_NEVER_INPUT", "MISSING_STRINGS", "is_missing", "as_category",
-    "parse_number", "leaks_label", "factorize", "rows_by_patient", "near_equal_chunks",
+    "parse_number", "matches_any", "leaks_label", "factorize", "rows_by_patient", "near_equal_chunks",
 ]

@@ -116,7 +116,8 @@ def test_measurements_of_a_known_shape():
 
 
 def test_measurements_agree_with_the_decoded_image():
-    """Dark pixels of each re-decoded JPEG track the recorded area, and their lightness the recorded L."""
+    """Dark pixels of each re-decoded JPEG track the recorded area, and the lightness at the lesion's centre
+    (always inside it: lesions are centred within 1 mm and at least 1.5 mm across) the recorded L."""
     records = _records(20)
     dark_area, dark_lightness = [], []
     for record in records:
@@ -125,7 +126,9 @@ def test_measurements_agree_with_the_decoded_image():
         border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
         dark = grey < 0.8 * np.median(border)
         dark_area.append(dark.sum() * (synthetic.FIELD_OF_VIEW_MM / grey.shape[0]) ** 2)
-        dark_lightness.append(synthetic.srgb_to_lab(image[dark])[:, 0].mean() if dark.any() else np.nan)
+        middle = grey.shape[0] // 2
+        centre = image[middle - 2 : middle + 2, middle - 2 : middle + 2].reshape(-1, 3)
+        dark_lightness.append(synthetic.srgb_to_lab(centre)[:, 0].mean())
     frame = _frame(records).assign(dark_area=dark_area, dark_lightness=dark_lightness)
     assert frame["dark_area"].corr(frame["tbp_lv_areaMM2"], method="spearman") > 0.8
     assert frame["dark_area"].corr(frame["clin_size_long_diam_mm"], method="spearman") > 0.7
@@ -141,15 +144,19 @@ def test_malignant_rate_is_roughly_the_requested_one():
 
 
 def test_malignant_lesions_are_ugly_ducklings():
-    """Malignant lesions deviate more from the patient's other lesions than benign ones, yet their absolute
-    size overlaps the benign range."""
+    """Malignant lesions deviate more from the patient's other lesions than benign ones (which include the
+    keratoses, themselves unlike the patient's naevi), darker and more variegated than them, yet their
+    absolute size overlaps the benign range."""
     frame = _frame(_records(25, image_size=64, malignant_rate=0.1))
     columns = ["clin_size_long_diam_mm", "tbp_lv_areaMM2", "tbp_lv_L", "tbp_lv_color_std_mean",
                "tbp_lv_norm_border", "tbp_lv_area_perim_ratio"]
-    deviation = within_patient_zscores(frame, columns).abs().mean(axis=1)
+    z = within_patient_zscores(frame, columns)
+    deviation = z.abs().mean(axis=1)
     malignant = frame["target"] == 1
     assert malignant.sum() >= 10
-    assert deviation[malignant].mean() > 1.5 * deviation[~malignant].mean()
+    assert deviation[malignant].mean() > 1.2 * deviation[~malignant].mean()
+    assert z.loc[malignant, "tbp_lv_L"].mean() < -0.5 < 0.2 > abs(z.loc[~malignant, "tbp_lv_L"].mean())
+    assert z.loc[malignant, "tbp_lv_color_std_mean"].mean() > 0.5
     benign_p90 = frame.loc[~malignant, "clin_size_long_diam_mm"].quantile(0.9)
     assert (frame.loc[malignant, "clin_size_long_diam_mm"] < benign_p90).mean() > 0.3
 
@@ -217,3 +224,25 @@ def test_cli_kaggle_and_report(tmp_path, capsys):
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         next(generate_records(**kwargs))
+
+
+def test_patient_level_structure_follows_dermatology():
+    """Naevus counts peak in mid-life, keratoses accumulate with age, men's lesions favour the trunk and
+    back and women's the legs, melanoma risk rises with age, and a patient's age and sex can be read from
+    that patient's lesions (what the outer, patient-level loss aligns)."""
+    patients = [synthetic.sample_patient(0, i) for i in range(3000)]
+    by_age = pd.DataFrame({"age": [p.age for p in patients], "nevi": [p.num_nevi for p in patients],
+                           "keratoses": [p.num_keratoses for p in patients]})
+    middle, old, young = by_age[by_age.age.between(35, 45)], by_age[by_age.age >= 70], by_age[by_age.age < 30]
+    assert middle.nevi.mean() > 1.5 * old.nevi.mean() and middle.nevi.mean() > young.nevi.mean()
+    assert old.keratoses.mean() > 3 * middle.keratoses.mean() > 0
+    assert 0.6 < np.mean([p.sex == "male" for p in patients if p.sex]) < 0.72
+
+    frame = _frame(_records(150, image_size=16, malignant_rate=0.1))
+    shares = pd.crosstab(frame["sex"], frame["anatom_site_general"], normalize="index")
+    assert shares.loc["male", "posterior torso"] > shares.loc["female", "posterior torso"] + 0.08
+    assert shares.loc["female", "lower extremity"] > shares.loc["male", "lower extremity"] + 0.1
+    older = frame["age_approx"] >= frame["age_approx"].median()
+    assert frame.loc[older, "target"].mean() > 1.2 * frame.loc[~older, "target"].mean()
+    level = synthetic.patient_level_signal(frame)
+    assert level["age_r2"] > 0.1 and level["sex_auroc"] > 0.7

@@ -76,6 +76,7 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the train split (datasets IterableDataset, shards split by process) instead of sampling it; needs --max_steps."})
     stream_shards: int = field(default=16, metadata={"help": "Shards of the train stream (a multiple of the processes)."})
     schema_rows: int = field(default=50_000, metadata={"help": "With --streaming: rows of the stream the metadata schema is fitted on."})
+    exclude_features: list[str] = field(default_factory=list, metadata={"help": "Metadata columns (fnmatch patterns, e.g. '*ext*') left out of the model's inputs."})
 
     def __post_init__(self):
         for name in ("patients_per_batch", "max_lesions_per_patient", "synthetic_patients", "stream_shards", "schema_rows"):
@@ -193,6 +194,22 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
                           "--seed", str(data_args.synthetic_seed), "--output-dir", data_args.dataset_dir])
 
 
+def model_schema(schema: dict, exclude_features: list[str]) -> dict:
+    """The dataset's schema.json without the excluded metadata columns (fnmatch patterns)."""
+    if not exclude_features:
+        return schema
+    from modeling_slimp.schema_slimp import matches_any
+
+    trimmed = {**schema}
+    for level in ("lesion", "patient"):
+        trimmed[level] = {kind: [c for c in schema[level][kind] if not matches_any(c, exclude_features)] for kind in schema[level]}
+    dropped = sorted(set(schema_columns(schema)) - set(schema_columns(trimmed)))
+    if not dropped:
+        raise ArgumentError(f"--exclude_features {exclude_features} matches no metadata column of the dataset")
+    logger.info("metadata columns left out (--exclude_features): %s", ", ".join(dropped), main_process_only=True)
+    return trimmed
+
+
 def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPModel:
     overrides = dict(lesion_loss_weight=model_args.lesion_loss_weight, image_ssl_weight=model_args.image_ssl_weight)
     if model_args.init_from:
@@ -293,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning("%s has an empty validation split: validation is skipped (convert with more patients, or a "
                        "larger --validation-fraction)", data_args.dataset_dir, main_process_only=True)
         validation_split = None
+    schema = model_schema(schema, data_args.exclude_features)
     model = build_model(model_args, schema, schema_rows(train_split, schema, data_args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -6,16 +6,21 @@ patient-level structure in which patient context carries signal.
 
 Generative model
 ----------------
-1. **Patient**: age, sex, clinic (``attribution``), skin tone, hairiness, a heavy-tailed number of lesions
-   (lognormal, at least 1; a few patients have hundreds) and a nevus **phenotype**: the mean of the
-   latent lesion traits (`Traits`: long diameter, pigment density, redness, blue-grey patch, border
-   irregularity, asymmetry, colour variegation, aspect ratio). Phenotypes vary a lot between patients.
-2. **Lesion**: traits drawn close to the patient's phenotype. A lesion is malignant with probability
-   ``malignant_rate``, rising mildly with age. A malignant lesion is an **ugly duckling**: each trait is
-   pushed away from the patient's phenotype (larger, darker, redder or bluer, more irregular, asymmetric
+1. **Patient**: age, sex (about two thirds male, as in ISIC 2024), clinic (``attribution``), skin tone,
+   hairiness, and two lesion **phenotypes**, the mean latent traits (`Traits`: long diameter, pigment
+   density, redness, blue-grey patch, border irregularity, asymmetry, colour variegation, aspect ratio)
+   of the patient's naevi and of their lentigines / seborrhoeic keratoses. Phenotypes vary a lot between
+   patients. What dermatology knows about the patient level is built in (`lesion_counts`, `site_weights`):
+   the number of naevi peaks in mid-life; lentigines and seborrhoeic keratoses, larger, lighter and more
+   irregular than naevi, accumulate with age; lesions sit more on the trunk and back in men and on the
+   legs in women; the melanoma risk rises with age. Counts are heavy-tailed (a few patients have hundreds).
+2. **Lesion**: traits drawn close to its kind's phenotype. A lesion is malignant with probability
+   ``malignant_rate``, rising with age. A malignant lesion is an **ugly duckling**: each trait is pushed
+   away from the patient's naevus phenotype (larger, darker, redder or bluer, more irregular, asymmetric
    and variegated) by a step that is large next to the within-patient spread but small next to the
    between-patient spread. Its absolute traits thus overlap the benign population, while next to the
-   same patient's other lesions it stands out.
+   same patient's other lesions it stands out, though less so in patients with many keratoses (the
+   classic melanoma mimics).
 3. **Image**: the lesion outline is an ellipse whose radius is modulated by random harmonics (orders 1-3:
    asymmetry, orders 4-16: jagged border) with a soft edge; inside, melanin-like pigment absorbs light
    (``skin * exp(-density * absorption)``) with a low-frequency texture and an optional blue-grey patch;
@@ -54,23 +59,17 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from modeling_slimp import schema_slimp as contract
+
 FIELD_OF_VIEW_MM = 15.0
 
-TBP_MEASUREMENTS = [
-    "tbp_lv_A", "tbp_lv_Aext", "tbp_lv_B", "tbp_lv_Bext", "tbp_lv_C", "tbp_lv_Cext", "tbp_lv_H",
-    "tbp_lv_Hext", "tbp_lv_L", "tbp_lv_Lext", "tbp_lv_areaMM2", "tbp_lv_area_perim_ratio",
-    "tbp_lv_color_std_mean", "tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL", "tbp_lv_deltaLB",
-    "tbp_lv_deltaLBnorm", "tbp_lv_eccentricity", "tbp_lv_minorAxisMM", "tbp_lv_nevi_confidence",
-    "tbp_lv_norm_border", "tbp_lv_norm_color", "tbp_lv_perimeterMM", "tbp_lv_radial_color_std_max",
-    "tbp_lv_stdL", "tbp_lv_stdLExt", "tbp_lv_symm_2axis", "tbp_lv_symm_2axis_angle",
-]
-MEASURED_COLUMNS = ["clin_size_long_diam_mm"] + TBP_MEASUREMENTS  # computed from the rendered image
 BODY_POSITION = ["tbp_lv_x", "tbp_lv_y", "tbp_lv_z"]
-SYNTHETIC_LESION_NUMERICAL = MEASURED_COLUMNS + BODY_POSITION
-SYNTHETIC_LESION_CATEGORICAL = ["anatom_site_general", "tbp_tile_type", "tbp_lv_location",
-                                "tbp_lv_location_simple"]
-SYNTHETIC_PATIENT_NUMERICAL = ["age_approx"]
-SYNTHETIC_PATIENT_CATEGORICAL = ["sex"]
+SYNTHETIC_LESION_NUMERICAL = list(contract.ISIC2024_LESION_NUMERICAL)  # the generator fills every release column
+MEASURED_COLUMNS = [c for c in SYNTHETIC_LESION_NUMERICAL if c not in BODY_POSITION]  # computed from the image
+TBP_MEASUREMENTS = [c for c in MEASURED_COLUMNS if c.startswith("tbp_lv_")]
+SYNTHETIC_LESION_CATEGORICAL = list(contract.ISIC2024_LESION_CATEGORICAL)
+SYNTHETIC_PATIENT_NUMERICAL = list(contract.ISIC2024_PATIENT_NUMERICAL)
+SYNTHETIC_PATIENT_CATEGORICAL = list(contract.ISIC2024_PATIENT_CATEGORICAL)
 
 # Column order of the Kaggle ISIC 2024 train-metadata.csv (the columns this generator fills).
 CSV_COLUMNS = (
@@ -81,8 +80,11 @@ CSV_COLUMNS = (
     + ["attribution", "copyright_license", "lesion_id", "iddx_full", "iddx_1", "mel_thick_mm"]
 )
 
-SITES = ["head/neck", "upper extremity", "lower extremity", "anterior torso", "posterior torso"]
-SITE_WEIGHTS = [0.10, 0.15, 0.25, 0.20, 0.30]
+SITES = list(contract.ISIC2024_LESION_CATEGORICAL["anatom_site_general"])
+# Body-site shares (SITES order): naevi in men favour the trunk and back, in women the legs; keratoses
+# favour the trunk and the sun-exposed head and neck.
+NEVUS_SITE_WEIGHTS = {"male": [0.08, 0.14, 0.14, 0.26, 0.38], "female": [0.08, 0.16, 0.38, 0.18, 0.20]}
+KERATOSIS_SITE_WEIGHTS = {"male": [0.22, 0.12, 0.08, 0.24, 0.34], "female": [0.22, 0.14, 0.20, 0.22, 0.22]}
 SITE_HAIR = {"head/neck": 1.5, "upper extremity": 1.2, "lower extremity": 1.2, "anterior torso": 0.7,
              "posterior torso": 0.5}
 CLINICS = ["Northbridge Dermatology Clinic", "Harbor Skin Cancer Centre", "Lakeside University Hospital",
@@ -121,18 +123,25 @@ class Traits:
 
 @dataclasses.dataclass(frozen=True)
 class Patient:
-    """Patient-level draws; the lesions are drawn from ``phenotype``."""
+    """Patient-level draws; naevi are drawn from ``phenotype``, keratoses from ``keratosis_phenotype``."""
 
     index: int
     patient_id: str
-    age: float           # true age (drives the malignancy risk)
+    age: float           # true age (drives the lesion counts and the malignancy risk)
     age_approx: float    # reported age: rounded to 5 years, NaN when missing
     sex: str | None      # None when missing
     attribution: str
     skin: np.ndarray     # (3,) sRGB skin colour
     hairiness: float     # mean number of hairs per image
-    phenotype: Traits
-    num_lesions: int
+    phenotype: Traits    # of the naevi (and the reference of the ugly-duckling step)
+    keratosis_phenotype: Traits
+    num_nevi: int
+    num_keratoses: int
+    true_sex: str        # the sex that drives the site distribution (reported or not)
+
+    @property
+    def num_lesions(self) -> int:
+        return self.num_nevi + self.num_keratoses
 
 
 def sample_phenotype(rng: np.random.Generator) -> Traits:
@@ -147,6 +156,33 @@ def sample_phenotype(rng: np.random.Generator) -> Traits:
         variegation=rng.lognormal(math.log(0.12), 0.8),
         aspect=rng.uniform(0.5, 0.97),
     )
+
+
+def keratosis_phenotype(rng: np.random.Generator, nevus: Traits) -> Traits:
+    """A patient's lentigo / seborrhoeic-keratosis phenotype: larger, lighter, more irregular and variegated
+    than the same patient's naevi, with between-patient variation of its own."""
+    return Traits(
+        log_diameter=nevus.log_diameter + rng.normal(0.45, 0.15),
+        density=nevus.density * 0.55 * rng.lognormal(0.0, 0.2),
+        redness=min(nevus.redness + 0.05, 0.9),
+        blue_patch=nevus.blue_patch * 0.5,
+        irregularity=nevus.irregularity * 2.2 * rng.lognormal(0.0, 0.3),
+        asymmetry=nevus.asymmetry * 1.3,
+        variegation=nevus.variegation * 1.4 * rng.lognormal(0.0, 0.3),
+        aspect=max(0.45, nevus.aspect - 0.08),
+    )
+
+
+def lesion_counts(rng: np.random.Generator, age: float) -> tuple[int, int]:
+    """(naevi, keratoses) of a patient of `age`: the mean naevus count peaks around 40 and falls after,
+    the mean keratosis count grows from about 25 on; both heavy-tailed (lognormal, sd 0.8 of the log)."""
+    nevus_mean = 12.0 * (0.3 + 0.7 * math.exp(-(((age - 40.0) / 22.0) ** 2)))
+    keratosis_mean = 10.0 * max(0.0, (age - 25.0) / 50.0) ** 2
+    sigma = 0.8
+    nevi = int(np.round(rng.lognormal(math.log(nevus_mean) - sigma**2 / 2, sigma)))
+    keratoses = int(np.round(rng.lognormal(math.log(max(keratosis_mean, 1e-3)) - sigma**2 / 2, sigma)))
+    nevi, keratoses = min(nevi, 300), min(keratoses, 200)
+    return (max(nevi, 1), keratoses) if nevi + keratoses == 0 else (nevi, keratoses)
 
 
 # Within-patient spread of each trait (sd of the additive or log-scale noise) and the mean ugly-duckling
@@ -190,13 +226,17 @@ def _id_permutation(seed: int, salt: int):
 def sample_patient(seed: int, index: int) -> Patient:
     """Patient ``index`` of the dataset of ``seed`` (independent of the other patients)."""
     rng = np.random.default_rng([seed, index, 0])
-    num_lesions = int(np.clip(np.round(rng.lognormal(2.2, 0.95)), 1, 400))  # heavy tail: a few have 100+
     age = float(np.clip(rng.normal(57.0, 14.0), 18.0, 85.0))
-    sex = str(rng.choice(["male", "female"]))
+    sex = "male" if rng.random() < 0.66 else "female"
+    num_nevi, num_keratoses = lesion_counts(rng, age)
     age_missing, sex_missing = rng.random(2) < [0.03, 0.02]
     attribution = str(rng.choice(CLINICS, p=CLINIC_WEIGHTS))
     hairiness = rng.lognormal(math.log(2.0 if sex == "male" else 0.6), 0.6)
     tone = rng.beta(1.6, 5.0)  # 0 = light, 1 = dark skin
+    phenotype = sample_phenotype(rng)
+    # Naevi involute with age: lighter and a little larger in older skin.
+    phenotype = dataclasses.replace(phenotype, density=phenotype.density * math.exp(-0.012 * (age - 45.0)),
+                                    log_diameter=phenotype.log_diameter + 0.004 * (age - 45.0))
     return Patient(
         index=index,
         patient_id="IP_" + _id_permutation(seed, 1)(index),
@@ -206,17 +246,21 @@ def sample_patient(seed: int, index: int) -> Patient:
         attribution=attribution,
         skin=(1 - tone) * LIGHT_SKIN + tone * DARK_SKIN,
         hairiness=hairiness,
-        phenotype=sample_phenotype(rng),
-        num_lesions=num_lesions,
+        phenotype=phenotype,
+        keratosis_phenotype=keratosis_phenotype(rng, phenotype),
+        num_nevi=num_nevi,
+        num_keratoses=num_keratoses,
+        true_sex=sex,
     )
 
 
-def sample_site(rng: np.random.Generator) -> tuple[str, str, str, np.ndarray]:
-    """A body site: (anatom_site_general, tbp_lv_location, tbp_lv_location_simple, (3,) x/y/z in mm).
+def sample_site(rng: np.random.Generator, weights: list[float]) -> tuple[str, str, str, np.ndarray]:
+    """A body site drawn with `weights` (SITES order): (anatom_site_general, tbp_lv_location,
+    tbp_lv_location_simple, (3,) x/y/z in mm).
 
     Body frame: y = height above the floor, x > 0 on the patient's left, z > 0 anterior.
     """
-    site = str(rng.choice(SITES, p=SITE_WEIGHTS))
+    site = str(rng.choice(SITES, p=weights))
     side_sign = rng.choice([-1.0, 1.0])
     side = "Left" if side_sign > 0 else "Right"
     u = rng.uniform(size=3)
@@ -453,11 +497,15 @@ def _lesion_records(patient: Patient, seed: int, image_size: int, malignant_rate
     """The records of one patient's lesions; lesion ``j`` gets the global counter ``first_lesion + j``."""
     rng = np.random.default_rng([seed, patient.index, 1])          # latent traits, site, labels
     render_rng = np.random.default_rng([seed, patient.index, 2])   # pixels (depends on image_size)
-    p_malignant = min(1.0, malignant_rate * math.exp(0.015 * (patient.age - 57.0)))
-    for j in range(patient.num_lesions):
+    p_malignant = min(1.0, malignant_rate * math.exp(0.03 * (patient.age - 57.0)))  # doubles every ~23 years
+    kinds = np.array([False] * patient.num_nevi + [True] * patient.num_keratoses)[rng.permutation(patient.num_lesions)]
+    for j, keratosis in enumerate(kinds.tolist()):
         malignant = bool(rng.random() < p_malignant)
-        traits = sample_lesion_traits(rng, patient.phenotype, malignant)
-        site, location, location_simple, xyz = sample_site(rng)
+        # A malignant lesion is an ugly duckling next to the patient's naevi, whatever the slot it took.
+        phenotype = patient.keratosis_phenotype if keratosis and not malignant else patient.phenotype
+        traits = sample_lesion_traits(rng, phenotype, malignant)
+        weights = (KERATOSIS_SITE_WEIGHTS if keratosis else NEVUS_SITE_WEIGHTS)[patient.true_sex]
+        site, location, location_simple, xyz = sample_site(rng, weights)
         site_missing, benign_with_id, measurement_missing = rng.random(3) < [0.015, 0.03, 0.01]
         tile_type = "3D: XP" if rng.random() < 0.6 else "3D: white"
         missing_column = MEASURED_COLUMNS[int(rng.integers(len(MEASURED_COLUMNS)))]
@@ -612,7 +660,53 @@ def signal_report(num_patients: int, seed: int = 0, image_size: int = 128, malig
         results.append({"view": name, "auroc_mean": round(mean, 3), "auroc_std": round(std, 3)})
     return {"patients": num_patients, "lesions": len(frame), "malignant": int(labels.sum()),
             "seed": seed, "image_size": image_size, "malignant_rate": malignant_rate, "splits": n_splits,
-            "generation_seconds": round(seconds, 1), "results": results}
+            "generation_seconds": round(seconds, 1), "results": results,
+            "patient_level": patient_level_signal(frame, seed, n_splits)}
+
+
+def patient_level_signal(frame, seed: int = 0, n_splits: int = 5) -> dict:
+    """How well a patient's age and sex are predicted from that patient's lesions (what the outer loss can
+    align): per patient, the mean of each lesion measurement, the share of lesions at each body site, the
+    mean body position and the log lesion count; ridge regression for age (R² on held-out patients) and
+    logistic regression for sex (AUROC), 5-fold cross-validation over patients."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.metrics import r2_score, roc_auc_score
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    values = frame[MEASURED_COLUMNS + BODY_POSITION].astype(float)
+    values = values.fillna(values.median())
+    sites = frame["anatom_site_general"].fillna("missing")
+    per_patient = values.groupby(frame["patient_id"]).mean()
+    per_patient = per_patient.join(pd_crosstab_shares(frame["patient_id"], sites))
+    per_patient["log_lesions"] = np.log(frame.groupby("patient_id").size())
+    info = frame.groupby("patient_id")[["age_approx", "sex"]].first().loc[per_patient.index]
+    x = per_patient.to_numpy()
+    folds = list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
+    age_known = info["age_approx"].notna().to_numpy()
+    age = info["age_approx"].to_numpy(dtype=float)
+    predicted = np.full(len(x), np.nan)
+    for train, test in folds:
+        train, test = train[age_known[train]], test[age_known[test]]
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 3, 12))).fit(x[train], age[train])
+        predicted[test] = model.predict(x[test])
+    sex_known = info["sex"].notna().to_numpy()
+    male = (info["sex"] == "male").to_numpy(dtype=int)
+    score = np.full(len(x), np.nan)
+    for train, test in folds:
+        train, test = train[sex_known[train]], test[sex_known[test]]
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=2000)).fit(x[train], male[train])
+        score[test] = model.predict_proba(x[test])[:, 1]
+    return {"patients": len(x), "age_r2": round(float(r2_score(age[age_known], predicted[age_known])), 3),
+            "sex_auroc": round(float(roc_auc_score(male[sex_known], score[sex_known])), 3)}
+
+
+def pd_crosstab_shares(patients, categories):
+    """(patients x categories) share of each patient's lesions in each category."""
+    import pandas as pd
+
+    return pd.crosstab(patients, categories, normalize="index").add_prefix("site_share_")
 
 
 def report_markdown(report: dict) -> str:
@@ -622,6 +716,10 @@ def report_markdown(report: dict) -> str:
              f"{report['splits']} patient-disjoint 70/30 splits.", "",
              "| features | AUROC (mean ± std) |", "|---|---|"]
     lines += [f"| {r['view']} | {r['auroc_mean']:.3f} ± {r['auroc_std']:.3f} |" for r in report["results"]]
+    level = report.get("patient_level")
+    if level:
+        lines += ["", f"Patient level ({level['patients']} patients, 5-fold cross-validation): age predicted from the "
+                      f"patient's lesions R² = {level['age_r2']:.3f}; sex AUROC = {level['sex_auroc']:.3f}."]
     return "\n".join(lines)
 
 
