@@ -20,8 +20,9 @@ resolution, learning-rate schedule and data (the train split only; pre-training 
 | `slimp_ssl` | `--lesion_loss_weight 0.5 --image_ssl_weight 0.3` | SLIMP + image self-supervision |
 
 Evaluation of each checkpoint (`training/embeddings.py` once per split, `training/evaluate.py` protocol):
-logistic-regression probes on the frozen features of the train split, scored on the patient-disjoint
-validation and test splits, full and k-shot, for the four feature sets of `training/probe.py` (`image`,
+logistic-regression probes on the frozen features of the train split (L2 strength picked on the validation
+split from `training/evaluate.py`'s grid), scored on the patient-disjoint validation and test splits, full
+and k-shot, for the four feature sets of `training/probe.py` (`image`,
 `image+context`, `image+metadata`, `image+metadata+context`) read from both representations (`tower`
 outputs before the projections, `projection` embeddings); AUROC, the ISIC 2024 pAUC above 80% TPR, the
 ISIC 2024 patient metric (top-15 sensitivity); image -> lesion-metadata retrieval recall@k; and the
@@ -59,7 +60,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import environment  # noqa: E402
-from training.evaluate import evaluate_features, summarise  # noqa: E402
+from training.evaluate import PROBE_C_GRID, evaluate_features, summarise  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 from training.probe import FEATURE_SETS, probe_inputs  # noqa: E402
 from training.results import write_json  # noqa: E402
@@ -98,7 +99,7 @@ class QualityArguments:
     output_dir: str = field(default="bench/results/quality", metadata={"help": "Where quality.json, quality.md and the plot go."})
     work_dir: str | None = field(default=None, metadata={"help": "Datasets and checkpoints (default outputs/bench-quality[-quick])."})
     dataset_dir: str | None = field(default=None, metadata={"help": "A converted dataset to use instead of building the synthetic one."})
-    patients: int = field(default=500, metadata={"help": "Patients of the synthetic dataset (split 70/10/20 by patient)."})
+    patients: int = field(default=1000, metadata={"help": "Patients of the synthetic dataset (split 70/10/20 by patient)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic dataset."})
     dataset_image_size: int | None = field(default=None, metadata={"help": "Side of the synthetic images (default: the generator's)."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {list(VARIANTS)}."})
@@ -215,8 +216,9 @@ def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], 
     metrics, skipped = {}, []
     for representation in REPRESENTATIONS:
         results, _ = evaluate_features(features, "train", ["validation", "test"], label_names, draws, args.shots,
-                                       representation=representation)
+                                       C=list(PROBE_C_GRID), representation=representation)
         skipped = results["kshot_skipped"]
+        metrics.update({f"{representation}/probe_C/{fs}": c for fs, c in results["probe_C"].items()})
         for split, by_set in results["linear_probe"].items():
             for feature_set, by_metric in by_set.items():
                 for name, summary in by_metric.items():

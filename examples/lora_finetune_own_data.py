@@ -16,7 +16,7 @@ patient-disjoint train/validation/test splits stratified by label, `schema.json`
 `OUTPUT_DIR-dataset` (outside the model folder, which may be pushed to the Hub); then
 `training.finetune.main([... "--mode", "lora", "--merge"])` trains and saves a merged classifier to
 OUTPUT_DIR (`--keep_adapter` saves the LoRA adapter instead). Any other option is
-passed on to training/finetune.py (e.g. `--lora_r 16 --class_weights auto --eval_steps 50`).
+passed on to training/finetune.py (e.g. `--lora_r 16 --class_weights auto --eval_strategy steps --eval_steps 50`).
 (An `isic image download` folder converts with `python -m training.prepare_data isic-archive` instead;
 this script takes any label column and image paths.)
 """

@@ -41,9 +41,10 @@ class SLIMPFeatureTokenizer(nn.Module):
         # Schema-derived constants; (re)filled by `reset_schema_buffers` (from_pretrained builds on meta).
         self.register_buffer("numerical_mean", torch.zeros(n_num), persistent=False)
         self.register_buffer("numerical_std", torch.ones(n_num), persistent=False)
-        self.numerical_weight = nn.Parameter(torch.empty(n_num, hidden))
-        self.numerical_bias = nn.Parameter(torch.empty(n_num, hidden))
-        self.numerical_missing = nn.Parameter(torch.empty(n_num, hidden))
+        # No zero-size parameters for a tower without numerical features: empty tensors share a null storage,
+        # which safetensors takes for shared tensors (and accelerate then drops them from checkpoints).
+        for name in ("numerical_weight", "numerical_bias", "numerical_missing"):
+            self.register_parameter(name, nn.Parameter(torch.empty(n_num, hidden)) if n_num else None)
         # One table for all categorical features; feature f's rows start at categorical_offsets[f] and
         # its row 0 is that feature's learned "missing" embedding.
         sizes = [len(vocabulary) + 1 for vocabulary in config.categorical_features.values()]
@@ -63,7 +64,7 @@ class SLIMPFeatureTokenizer(nn.Module):
         self.categorical_offsets.copy_(sizes.cumsum(0) - sizes)
 
     def forward(self, numerical_values: torch.Tensor, categorical_ids: torch.Tensor) -> torch.Tensor:
-        dtype = self.numerical_weight.dtype
+        dtype = self.categorical_embeddings.weight.dtype
         values = numerical_values.to(torch.float32)
         missing = ~torch.isfinite(values)  # (B, Fn)
         ids = categorical_ids.long()
@@ -72,11 +73,13 @@ class SLIMPFeatureTokenizer(nn.Module):
             missing = missing | (torch.rand_like(values) < self.config.feature_dropout)
             drop = torch.rand(ids.shape, device=ids.device) < self.config.feature_dropout
             ids = ids.masked_fill(drop, 0)
+        categorical_tokens = self.categorical_embeddings(ids + self.categorical_offsets)  # (B, Fc, H)
+        if self.numerical_weight is None:
+            return categorical_tokens
         z = ((values - self.numerical_mean) / self.numerical_std).clamp(-MAX_ABS_ZSCORE, MAX_ABS_ZSCORE)
         z = z.masked_fill(missing, 0.0).to(dtype)
         numerical_tokens = z.unsqueeze(-1) * self.numerical_weight + self.numerical_bias  # (B, Fn, H)
         numerical_tokens = torch.where(missing.unsqueeze(-1), self.numerical_missing.expand_as(numerical_tokens), numerical_tokens)
-        categorical_tokens = self.categorical_embeddings(ids + self.categorical_offsets)  # (B, Fc, H)
         return torch.cat([numerical_tokens, categorical_tokens], dim=1)
 
 

@@ -114,7 +114,8 @@ class SLIMPPreTrainedModel(PreTrainedModel):
             # Per-feature affine maps of a unit-variance input, as in the FT-Transformer.
             bound = 1 / math.sqrt(module.config.hidden_size)
             for parameter in (module.numerical_weight, module.numerical_bias, module.numerical_missing):
-                nn.init.uniform_(parameter, -bound, bound)
+                if parameter is not None:
+                    nn.init.uniform_(parameter, -bound, bound)
             module.reset_schema_buffers()
         elif isinstance(module, SLIMPMetadataEncoder):
             nn.init.normal_(module.cls_token, std=std)

@@ -146,6 +146,17 @@ def _first_present(present: torch.Tensor, patient_index: torch.Tensor, num_patie
     return torch.where(first < rows, first, torch.full_like(first, -1))
 
 
+class _NoTokenizer:
+    """What `SLIMPProcessor.tokenizer` returns: SLIMP reads no text. `transformers.Trainer` aligns the special
+    tokens of any ProcessorMixin's tokenizer with the model (`align_special_tokens`); every token id is None here,
+    so it changes nothing."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
 class SLIMPProcessor(ProcessorMixin):
     """Turns images and raw metadata rows into `SLIMPModel` inputs (a transformers `ProcessorMixin`).
 
@@ -176,6 +187,10 @@ class SLIMPProcessor(ProcessorMixin):
         self.unknown_categories: Counter = Counter()
         self.invalid_numbers: Counter = Counter()
         self._warned_absent: set[str] = set()
+
+    @property
+    def tokenizer(self) -> _NoTokenizer:
+        return _NoTokenizer()
 
     # ----- persistence -----
     def to_dict(self) -> dict[str, Any]:

@@ -18,15 +18,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_FAST = ["--patients_per_batch", "4", "--max_lesions_per_patient", "4", "--num_workers", "0", "--logging_steps", "1",
-              "--warmup_steps", "1"]
+TRAIN_FAST = ["--per_device_train_batch_size", "4", "--max_lesions_per_patient", "4", "--dataloader_num_workers", "0",
+              "--logging_steps", "1", "--warmup_steps", "1", "--save_strategy", "no"]
 
 
 @dataclass(frozen=True)
 class SyntheticRun:
     dataset_dir: str     # 24 patients, 48 px (train 17 patients / validation 2 / test 5, a few malignant in each)
     checkpoint_dir: str  # SLIMPModel, 32 px ViT, pre-trained for 2 steps
-    classifier_dir: str  # SLIMPForLesionClassification, linear mode, 2 steps
+    classifier_dir: str  # SLIMPForLesionClassification, linear mode (the probe fitted on frozen features)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +41,7 @@ def build(root: str) -> SyntheticRun:
                    "--patients_per_batch", "4", "--save_steps", "0", "--eval_steps", "0", "--linear_probe", "false",
                    "--num_workers", "0", "--image_size", "32"])
     finetune.main(["--model_dir", checkpoint_dir, "--dataset_dir", dataset_dir, "--output_dir", classifier_dir,
-                   "--mode", "linear", "--max_steps", "2", *TRAIN_FAST])
+                   "--mode", "linear", *TRAIN_FAST])
     return SyntheticRun(dataset_dir, checkpoint_dir, classifier_dir)
 
 

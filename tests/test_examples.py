@@ -88,7 +88,8 @@ def test_lora_finetune_on_own_csv_writes_a_dataset_and_a_classifier(synthetic, t
     output_dir = tmp_path / "slimp-lora"
     stdout = run_example("lora_finetune_own_data.py", "--model_dir", synthetic.checkpoint_dir, "--csv", str(csv_file),
                          "--label_column", "diagnosis", "--output_dir", str(output_dir), "--max_steps", "2",
-                         "--patients_per_batch", "4", "--max_lesions_per_patient", "4", "--num_workers", "0")
+                         "--per_device_train_batch_size", "4", "--max_lesions_per_patient", "4", "--dataloader_num_workers", "0",
+                         "--save_strategy", "no")
     ignored = json.loads(stdout.split("ignored (unknown to the checkpoint): ")[1].splitlines()[0].replace("'", '"'))
     assert {"clinic_notes", "iddx_full", "lesion_id", "mel_thick_mm"} <= set(ignored)
 

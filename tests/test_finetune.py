@@ -1,5 +1,5 @@
 """training/finetune.py on a tiny synthetic dataset: each mode trains exactly the intended parameters,
-scores validation and test, and saves a folder that reloads to the same logits."""
+scores validation and test, and saves a folder that reloads to the same logits; linear mode is the probe."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from training.metrics import classification_metrics
 import torch
-from accelerate.utils import set_seed
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
@@ -22,22 +19,25 @@ from transformers import AutoModelForImageClassification, Dinov2Config, pipeline
 
 from _synthetic_fixtures import TRAIN_FAST, synthetic  # noqa: F401
 from conftest import tiny_config
-from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
 from training import finetune
 from training.data.collate import BatchTransform, SLIMPCollator
 from training.data.dataset import load_slimp_dataset
+from training.embeddings import embed_split
+from training.metrics import classification_metrics
+from training.probe import fit_probe, probe_inputs
 
 RUNS = {"linear": ["--mode", "linear"], "full": ["--mode", "full"], "lora": ["--mode", "lora"],
-        "lora-merged": ["--mode", "lora", "--merge"]}
+        "lora-merged": ["--mode", "lora", "--merge"], "full-projection": ["--mode", "full", "--representation", "projection"]}
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request, synthetic, tmp_path_factory):  # noqa: F811
     """One 3-step fine-tuning run per mode (validation every 2 steps) and its parsed model arguments."""
-    output_dir = tmp_path_factory.mktemp(request.param)
+    output_dir = tmp_path_factory.mktemp(request.param) / "classifier"
     argv = ["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir, "--output_dir", str(output_dir),
-            "--max_steps", "3", "--eval_steps", "2", "--learning_rate", "0.01", "--seed", "3", *TRAIN_FAST,
-            *RUNS[request.param]]
+            "--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--learning_rate", "0.01", "--seed", "3",
+            *TRAIN_FAST, *RUNS[request.param]]
     result = finetune.main(argv)
     _, model_args, _ = finetune.parse_args(argv)
     return {"name": request.param, "output_dir": output_dir, "result": result, "model_args": model_args}
@@ -46,7 +46,7 @@ def run(request, synthetic, tmp_path_factory):  # noqa: F811
 def initial_classifier(synthetic, model_args) -> SLIMPForLesionClassification:  # noqa: F811
     """The classifier as `main` builds it before training (same seed, so the same head init)."""
     _, schema = load_slimp_dataset(synthetic.dataset_dir, "train")
-    set_seed(3)
+    torch.manual_seed(3)
     return finetune.load_classifier(model_args, schema["label"]["names"], None)
 
 
@@ -99,6 +99,8 @@ def test_only_the_intended_parameters_change(run, synthetic):  # noqa: F811
     else:  # full: everything the classifier uses, and nothing it does not
         unused = {"slimp.lesion_logit_scale", "slimp.patient_logit_scale", "slimp.phenotype_projection.weight",
                   "slimp.phenotype_projection.bias"}
+        if model.config.classifier_representation == "tower":  # the head reads the towers: projections unused
+            unused |= {f"slimp.{p}_projection.{w}" for p in ("visual", "lesion_metadata", "patient_metadata") for w in ("weight", "bias")}
         assert changed == set(after) - unused, (set(after) - unused - changed, changed & unused)
         # Frozen, not merely without gradient: DDP rejects trainable parameters that get none.
         assert {k for k, p in model.named_parameters() if p.requires_grad} == set(after) - unused
@@ -115,6 +117,15 @@ def test_results_hold_finite_metrics_for_validation_and_test(run):
     assert results["classification"] == run["result"]["classification"]
     card = (run["output_dir"] / "README.md").read_text()
     assert "test AUROC" in card and f"value: {round(results['classification']['test']['auroc'], 4)}" in card
+    assert "pipeline_tag: image-classification" in card
+    if run["name"] != "linear":  # Trainer evaluated the validation split during training
+        assert any("eval_auroc" in entry for entry in results["history"])
+
+
+def test_checkpoints_stay_beside_the_release_folder(run):
+    folder = run["output_dir"]
+    assert not list(folder.glob("checkpoint-*")) and not (folder / "checkpoints").exists()
+    assert not list(folder.rglob("events.out.tfevents.*")) and not list(folder.rglob("*.pt"))
 
 
 def test_saved_folder_reloads_to_the_same_logits(run, synthetic):  # noqa: F811
@@ -146,21 +157,55 @@ def test_saved_folder_reloads_to_the_same_logits(run, synthetic):  # noqa: F811
         assert top["score"] == pytest.approx(float(probabilities.max()), abs=1e-5)
 
 
+def test_linear_mode_is_the_probe_on_the_same_frozen_features(synthetic):  # noqa: F811
+    """--mode linear fits evaluate.py's probe on the classifier's own frozen inputs: its test scores rank
+    lesions as a probe fitted on those features does, and its AUROC is within 0.01 of evaluate.py's probe on
+    the embeddings of the same checkpoint (the image+metadata+context feature set, tower representation)."""
+    from training.embeddings import predict_split
+
+    model_dir = Path(synthetic.classifier_dir)
+    classifier = AutoModelForImageClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = SLIMPProcessor.from_pretrained(model_dir)
+    collator = SLIMPCollator(processor, train=False)
+    train, _ = load_slimp_dataset(synthetic.dataset_dir, "train")
+    test, _ = load_slimp_dataset(synthetic.dataset_dir, "test")
+    logits, labels, extras = predict_split(classifier, test, collator, return_features=True)
+    _, train_labels, train_extras = predict_split(classifier, train, collator, return_features=True)
+    inputs = lambda e: np.concatenate([e[p] for p in classifier.parts], axis=1)  # noqa: E731
+    probe = fit_probe(inputs(train_extras), train_labels, seed=0, class_weight=dict(enumerate(classifier.config.class_weights)))
+    scores = probe.predict_proba(inputs(extras))[:, 1]
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], np.log(scores / (1 - scores)), rtol=1e-4, atol=1e-4)
+    head_auroc = classification_metrics(labels, logits)["auroc"]
+    encoder = SLIMPModel.from_pretrained(synthetic.checkpoint_dir).eval()
+    features = {name: embed_split(encoder, split, SLIMPCollator(SLIMPProcessor.from_pretrained(synthetic.checkpoint_dir), train=False))
+                for name, split in (("train", train), ("test", test))}
+    reference = fit_probe(probe_inputs(features["train"], "image+metadata+context", "tower"), features["train"]["labels"])
+    reference_auroc = roc_auc_score(features["test"]["labels"],
+                                    reference.predict_proba(probe_inputs(features["test"], "image+metadata+context", "tower"))[:, 1])
+    assert head_auroc == pytest.approx(reference_auroc, abs=0.01)
+
+
 def test_the_best_validation_weights_are_restored_at_the_end(synthetic, tmp_path, monkeypatch):  # noqa: F811
-    """Validation AUROC 0.9 at step 1, then worse: the saved model is the model of step 1."""
-    snapshots, scripted = [], iter([0.9, 0.5, 0.3, 0.3])
+    """Validation AUROC 0.9 at step 1, then worse: Trainer's load_best_model_at_end keeps the model of step 1."""
+    scripted, snapshots = iter([0.9, 0.5, 0.3]), []
 
-    def scripted_evaluation(model, collator, dataset, batch_size):
-        snapshots.append(model.classifier.weight.detach().clone())
-        return {"auroc": next(scripted, 0.5), "pauc_80tpr": 0.1, "balanced_accuracy": 0.5}
+    def scripted_evaluation(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        snapshots.append(self.accelerator.unwrap_model(self.model).classifier.weight.detach().clone())
+        metrics = {f"{metric_key_prefix}_auroc": next(scripted, 0.1)}
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
-    monkeypatch.setattr(finetune, "evaluate_split", scripted_evaluation)
+    monkeypatch.setattr(finetune.SLIMPTrainer, "evaluate", scripted_evaluation)
+    out = tmp_path / "best"
     result = finetune.main(["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir, "--output_dir",
-                            str(tmp_path), "--max_steps", "3", "--eval_steps", "1", "--learning_rate", "0.01", *TRAIN_FAST,
-                            "--warmup_steps", "0"])
-    assert result["best_step"] == 1
+                            str(out), "--mode", "full", "--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "1",
+                            "--learning_rate", "0.01", *TRAIN_FAST, "--save_strategy", "steps", "--save_steps", "1",
+                            "--load_best_model_at_end", "true", "--warmup_steps", "0"])
     assert not torch.equal(snapshots[2], snapshots[0]), "training went on after step 1"
     torch.testing.assert_close(result["model"].classifier.weight, snapshots[0], rtol=0, atol=0)
+    checkpoints = sorted(p.name for p in out.with_name("best-checkpoints").iterdir())
+    assert "checkpoint-1" in checkpoints and all((out.with_name("best-checkpoints") / c / "manifest.json").is_file()
+                                                for c in checkpoints)
 
 
 def test_auto_class_weights_are_inverse_train_frequencies(run, synthetic):  # noqa: F811
@@ -226,3 +271,13 @@ def test_a_checkpoint_missing_more_than_the_head_is_refused(synthetic, tmp_path)
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="visual_projection.weight"):
         finetune.load_classifier(finetune.ModelArguments(model_dir=str(broken)), ["benign", "malignant"], None)
+
+
+def test_arguments_are_checked_before_any_data_is_read(tmp_path):
+    base = ["--model_dir", "m", "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")]
+    for extra, message in ((["--mode", "sgd"], "--mode"), (["--merge", "true"], "--merge"),
+                           (["--classifier_features", "image+patient"], "--classifier_features"),
+                           (["--push_to_hub", "true"], "--hub_model_id"),
+                           (["--checkpoint_dir", str(tmp_path / "out" / "ckpt")], "inside --output_dir")):
+        with pytest.raises(finetune.ArgumentError, match=message):
+            finetune.parse_args(base + extra)

@@ -228,7 +228,9 @@ def test_pad_ufes_20_booleans_unk_and_png(tmp_path):
     assert math.isnan(frame.loc[rows[0]["img_id"], "diameter_1"]) and frame.loc[rows[1]["img_id"], "diameter_1"] == 6
     schema = assert_no_leaks(tmp_path / "out")
     assert "biopsed" in schema["excluded_columns"] and schema["extra_columns"] == ["lesion_id"]
-    assert len(schema["patient"]["categorical"]) == 10 and len(schema["lesion"]["categorical"]) == 7
+    # `itch` is UNK on every row: a column without any value is reported and left out, not an input.
+    assert len(schema["patient"]["categorical"]) == 10 and len(schema["lesion"]["categorical"]) == 6
+    assert "itch" not in schema["lesion"]["categorical"] and summary["empty_columns"] == ["itch"]
 
 
 @pytest.mark.parametrize("fault", ["corrupt image", "no patient_id"])

@@ -50,6 +50,7 @@ from training.results import write_json  # noqa: E402
 logger = logging.getLogger(__name__)
 
 METRICS = ("auroc", "pauc_80tpr", "top15_sensitivity", "balanced_accuracy")
+PROBE_C_GRID = (0.01, 0.1, 1.0)
 RETRIEVAL_KS = (1, 5, 10)
 
 
@@ -66,7 +67,8 @@ class EvaluateArguments:
     representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"What the probes read: one of {REPRESENTATIONS} (tower outputs before the projections, or the projected embeddings)."})
     batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients; phenotype and context are exact for any size)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers of the feature extraction."})
-    probe_C: float = field(default=1.0, metadata={"help": "Inverse L2 strength of the logistic-regression probe."})
+    probe_C: list[float] = field(default_factory=lambda: list(PROBE_C_GRID), metadata={"help": "Inverse L2 strength of the logistic-regression probe, or several: each feature set takes the one with the best validation AUROC (--select_split)."})
+    select_split: str | None = field(default=None, metadata={"help": "Split that picks the probe's C from --probe_C (default: validation when evaluated; without it the grid's middle value)."})
     pauc_class: str | None = field(default=None,
                                    metadata={"help": "Label name (or id) whose one-vs-rest pAUC is reported; default: class 1."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | ...; default: cuda if available."})
@@ -120,15 +122,35 @@ def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str])
     return kept, skipped
 
 
+def select_C(train_x: np.ndarray, train_y: np.ndarray, select_x: np.ndarray, select_y: np.ndarray, grid: list[float],
+             seed: int = 0, positive_class: int = 1) -> float:
+    """The L2 strength of the probe with the best AUROC on the selection split (the first of equal ones);
+    the grid's middle value when the selection split cannot rank (one class only)."""
+    if len(grid) == 1 or len(np.unique(select_y)) < 2:
+        return grid[len(grid) // 2]
+    best, best_auroc = grid[0], -np.inf
+    for C in grid:
+        probe = fit_probe(train_x, train_y, seed=seed, C=C)
+        value = probe_metrics(select_y, probe.predict_proba(select_x), probe.classes_, positive_class=positive_class)["auroc"]
+        if value > best_auroc + 1e-12:
+            best, best_auroc = C, value
+    return best
+
+
 def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
-                      label_names: list[str], seeds: list[int], shots: list[int], C: float = 1.0,
+                      label_names: list[str], seeds: list[int], shots: list[int], C: float | list[float] = 1.0,
                       positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
-                      representation: str = DEFAULT_REPRESENTATION) -> tuple[dict, dict]:
+                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None) -> tuple[dict, dict]:
     """Full and k-shot probes and retrieval on extracted features.
 
+    `C` is the probe's inverse L2 strength, or a grid of them: each feature set then uses the value with the
+    best AUROC on `select_split` (default: "validation" when it is among `eval_splits`; without one, the
+    grid's middle value), for its full and k-shot probes alike.
+
     Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
-    `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`
-    and `retrieval`; `curves` holds the first seed's full-probe scores of the last split for the ROC plot.
+    `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`,
+    `probe_C` (the value each feature set used) and `retrieval`; `curves` holds the first seed's full-probe
+    scores of the last split for the ROC plot.
     """
     train = features[train_split]
     num_classes = len(label_names)
@@ -138,12 +160,17 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
     curves = {"split": eval_splits[-1], "labels": features[eval_splits[-1]]["labels"], "scores": {}}
     inputs = {(split, feature_set): probe_inputs(features[split], feature_set, representation)
               for split in [train_split, *eval_splits] for feature_set in feature_sets}
+    grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
+    select = select_split or ("validation" if "validation" in eval_splits else None)  # never the test split by default
+    chosen = {}
     for feature_set in feature_sets:
         train_x = inputs[train_split, feature_set]
+        chosen[feature_set] = grid[len(grid) // 2] if select is None else select_C(
+            train_x, train["labels"], inputs[select, feature_set], features[select]["labels"], grid, seeds[0], positive_class)
         for seed in seeds:
             runs = [("full", None, np.arange(len(train_x)))] + [("kshot", k, draws[k, seed]) for k in kept]
             for kind, k, rows in runs:
-                probe = fit_probe(train_x[rows], train["labels"][rows], seed=seed, C=C)
+                probe = fit_probe(train_x[rows], train["labels"][rows], seed=seed, C=chosen[feature_set])
                 for split in eval_splits:
                     scores = probe.predict_proba(inputs[split, feature_set])
                     metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class,
@@ -153,7 +180,7 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
                         raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
                     if kind == "full" and seed == seeds[0] and split == curves["split"]:
                         curves["scores"][feature_set] = (scores, [int(c) for c in probe.classes_])
-    results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "retrieval": {}}
+    results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "probe_C": chosen, "retrieval": {}}
     for (split, feature_set), metrics in raw["full"].items():
         results["linear_probe"].setdefault(split, {})[feature_set] = {m: summarise(v) for m, v in metrics.items()}
     for (split, feature_set, k), metrics in raw["kshot"].items():
@@ -313,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     positive_class = resolve_class(args.pauc_class, label_names)
     results, curves = evaluate_features(features, args.splits[0], args.splits[1:], label_names, args.seeds,
                                         args.shots, args.probe_C, positive_class, tuple(args.feature_sets),
-                                        args.representation)
+                                        args.representation, args.select_split)
     for note in results["kshot_skipped"]:
         logger.warning("k-shot k = %d skipped: %s", note["k"], note["reason"])
     results = {"model_dir": args.model_dir, "dataset_dir": args.dataset_dir, "train_split": args.splits[0],

@@ -1,134 +1,160 @@
 """Fine-tune a pre-trained SLIMP checkpoint into a lesion classifier: linear probe, full, or LoRA.
 
-    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
-        --output_dir outputs/slimp-synthetic-linear --mode linear --max_steps 300
-    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
-        --output_dir outputs/slimp-synthetic-full --mode full --learning_rate 5e-5 --num_train_epochs 3 \
-        --max_steps 0 --class_weights auto --eval_steps 100
-    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
-        --output_dir outputs/slimp-synthetic-lora --mode lora --lora_r 8 --lora_alpha 16 --merge
-    python training/finetune.py my_finetune.yaml     # a YAML/JSON config-file shortcut (keys = the options)
-    accelerate launch training/finetune.py --model_dir ...   # several processes, each with whole, different patients
+    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \\
+        --output_dir outputs/slimp-synthetic-linear --mode linear
+    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \\
+        --output_dir outputs/slimp-synthetic-full --mode full --learning_rate 5e-5 --max_steps 600 \\
+        --eval_strategy steps --eval_steps 100 --save_steps 100 --load_best_model_at_end
+    python training/finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \\
+        --output_dir outputs/slimp-synthetic-lora --mode lora --lora_r 8 --merge
+    python training/finetune.py my_finetune.yaml         # a YAML/JSON config-file shortcut (keys = the options)
+    accelerate launch training/finetune.py --model_dir ...   # several processes (transformers.Trainer's DDP)
 
 Modes (`--mode`):
-- `linear`: everything frozen but `classifier`; the backbone stays in eval mode (frozen features, no
-  dropout): a linear probe, trained by AdamW on augmented images.
-- `full`: every parameter the classifier uses trains (the pre-training-only parts, i.e. the logit scales
-  and the phenotype projection/pooling, and a metadata tower that `--classifier_features` leaves out,
-  stay frozen: they get no gradient, which DDP rejects).
-- `lora`: peft LoRA on the `q_proj`/`v_proj` attention projections of the image tower (ViT and DINOv2
-  name them so in transformers 5) and of the metadata towers used by the head; `classifier` is a
-  `modules_to_save`. `--merge` merges the adapter (`merge_and_unload`) and saves a plain classifier;
-  without it the folder holds the adapter, the processor, `config.json` of the classifier and a card
-  that shows how to load it onto the base checkpoint.
+- `linear`: the backbone stays frozen and its features are computed once, over whole patients (phenotype
+  and patient context exact); the head is the logistic-regression probe of `training/evaluate.py` fitted
+  on them (standardisation folded into the linear layer). No gradient step, about one feature pass.
+- `full`: `transformers.Trainer` trains every parameter the classifier uses (the pre-training-only parts,
+  i.e. the logit scales and the phenotype projection/pooling, and a tower the head ignores, stay frozen).
+- `lora`: `transformers.Trainer` with peft LoRA on the `q_proj`/`v_proj` attention projections of the
+  image tower and of the metadata towers the head reads; `classifier` is a `modules_to_save`. `--merge`
+  merges the adapter (`merge_and_unload`) and saves a plain classifier; without it the folder holds the
+  adapter, the classifier's config and code, the processor, and a card that shows how to load it.
 
-The classifier is `SLIMPForLesionClassification.from_pretrained(--model_dir)`: the base weights come from
-the checkpoint through the `slimp` prefix, and only the `classifier` head may be missing (anything else
-is an error). Labels are the dataset's (`schema.json`), and `--class_weights auto` stores inverse class
-frequencies of the train split, `n / (C · n_c)`, in `config.class_weights`.
+Every `transformers.TrainingArguments` option applies to `full` and `lora` (gradient accumulation,
+`--bf16`/`--fp16`, `--resume_from_checkpoint`, `--report_to`, `--eval_strategy`, `--load_best_model_at_end`,
+...). Trainer batches are `--per_device_train_batch_size` patients (or near-equal chunks of at most
+`--max_lesions_per_patient` lesions of a larger one), so the patient context compares each lesion with
+its own patient's others. Evaluation (`SLIMPTrainer.evaluate`) is the project's one evaluation pass over
+whole patients: AUROC, the ISIC 2024 pAUC above 80% TPR, the ISIC 2024 patient metric (top-15
+sensitivity) and balanced accuracy.
 
-Batches come from `PatientBatchSampler` (P patients x up to K lesions), as in pre-training: lesions of
-one patient stay together, so the patient-metadata features of a batch are computed once per patient,
-no batch explodes on a patient with hundreds of lesions, and every lesion is seen once per epoch
-(`--include_malignant` makes batches label-aware: a patient's malignant lesions join each of its chunks).
-
-Every `--eval_steps`, the validation AUROC is measured; with `--load_best_model_at_end` the best
-trainable weights are restored if they beat the final ones. At the end the validation and test splits
-are scored (AUROC, ISIC 2024 pAUC above 80% TPR, balanced accuracy), and OUTPUT_DIR gets the
-classifier (`AutoModelForImageClassification.from_pretrained(OUTPUT_DIR, trust_remote_code=True)`,
-`pipeline("image-classification", model=OUTPUT_DIR, trust_remote_code=True)`), its processor, README.md
-with the measured results, and results.json.
+`--output_dir` is the release folder (the Hub repo: classifier, processor, README.md with the measured
+results, results.json); Trainer's checkpoints go to `--checkpoint_dir` (default `OUTPUT_DIR-checkpoints`),
+beside it. `--push_to_hub --hub_model_id ORG/NAME` uploads the release folder only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 if __package__ in (None, ""):  # `python training/finetune.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
-from training.arguments import parse_dataclasses  # noqa: E402
+from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
+from modeling_slimp.configuration_slimp import CLASSIFIER_FEATURES, CLASSIFIER_REPRESENTATIONS  # noqa: E402
+from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
+from training.checkpointing import CheckpointError, damaged_files, write_manifest  # noqa: E402
 from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
 from training.data.dataset import load_slimp_dataset  # noqa: E402
-from training.data.sampler import PatientBatchSampler  # noqa: E402
 from training.embeddings import predict_split  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.release import push_release, save_release  # noqa: E402
+from training.probe import DEFAULT_REPRESENTATION, fit_probe  # noqa: E402
+from training.release import is_hub_id, public_value, push_release, save_release  # noqa: E402
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 MODES = ("linear", "full", "lora")
-DEFAULT_LEARNING_RATES = {"linear": 1e-3, "full": 5e-5, "lora": 5e-4}
-TOWERS = {"image": "vision_model", "lesion": "lesion_metadata_model", "patient": "patient_metadata_model"}
+DEFAULT_LEARNING_RATES = {"full": 5e-5, "lora": 5e-4}
+TOWERS = {"image": "vision_model", "lesion": "lesion_metadata_model", "patient": "patient_metadata_model", "context": None}
 HEAD_KEYS = {"classifier.weight", "classifier.bias"}
 
 
 @dataclass
 class DataArguments:
     dataset_dir: str = field(metadata={"help": "A dataset from `python -m training.prepare_data` (docs/data_format.md)."})
-    patients_per_batch: int = field(default=16, metadata={"help": "P: distinct patients per batch and process."})
-    max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
-    include_malignant: bool = field(default=False, metadata={"help": "Batches always hold a patient's malignant lesions."})
-    num_workers: int = field(default=1, metadata={"help": "DataLoader workers per process."})
-    eval_batch_size: int = field(default=256, metadata={"help": "Lesions per evaluation batch (whole patients)."})
+    max_lesions_per_patient: int = field(default=32, metadata={"help": "K: a patient with more lesions is split into near-equal chunks of at most K (one Trainer item each)."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Most lesions per evaluation batch (whole patients; phenotype and context are exact for any size)."})
+
+    def __post_init__(self):
+        if self.max_lesions_per_patient < 1 or self.eval_batch_size < 1:
+            raise ArgumentError("--max_lesions_per_patient and --eval_batch_size must be at least 1")
 
 
 @dataclass
 class ModelArguments:
     model_dir: str = field(metadata={"help": "A pre-trained SLIMP checkpoint folder (or Hub id)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
-    classifier_features: str = field(default="image+lesion+patient",
-                                     metadata={"help": "image | image+lesion | image+lesion+patient"})
+    classifier_features: str = field(default="image+lesion+patient+context", metadata={"help": f"What the head reads: one of {CLASSIFIER_FEATURES}."})
+    representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"Which features of each tower the head reads: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected features)."})
     class_weights: str = field(default="auto", metadata={"help": "auto (inverse train frequency) | none | w0,w1,..."})
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    lora_target_modules: str = field(default="q_proj,v_proj",
-                                     metadata={"help": "Layer names adapted in each tower the head uses."})
-    merge: bool = field(default=False, metadata={"help": "lora: merge the adapter and save a plain classifier."})
+    probe_C: float = field(default=1.0, metadata={"help": "--mode linear: inverse L2 strength of the logistic-regression head (as evaluate.py's probe)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Layer names adapted in each tower the head uses."})
+    merge: bool = field(default=False, metadata={"help": "--mode lora: merge the adapter and save a plain classifier."})
+    base_model_id: str | None = field(default=None, metadata={"help": "Hub id of the pre-trained checkpoint, for the card's base_model and loading code (default: --model_dir when it is a Hub id)."})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ArgumentError(f"--mode must be one of {MODES}, got '{self.mode}'")
+        if self.merge and self.mode != "lora":
+            raise ArgumentError("--merge applies to --mode lora only")
+        if self.classifier_features not in CLASSIFIER_FEATURES:
+            raise ArgumentError(f"--classifier_features must be one of {CLASSIFIER_FEATURES}, got '{self.classifier_features}'")
+        if self.representation not in CLASSIFIER_REPRESENTATIONS:
+            raise ArgumentError(f"--representation must be one of {CLASSIFIER_REPRESENTATIONS}, got '{self.representation}'")
+        if self.class_weights not in ("auto", "none") and not re.fullmatch(r"[0-9.eE+-]+(,[0-9.eE+-]+)*", self.class_weights):
+            raise ArgumentError(f"--class_weights must be auto, none or comma-separated numbers, got '{self.class_weights}'")
+        if self.base_model_id is None and is_hub_id(self.model_dir):
+            self.base_model_id = self.model_dir
 
 
 @dataclass
-class TrainArguments:
-    output_dir: str = "outputs/slimp-classifier"
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps; <= 0 uses num_train_epochs."})
-    num_train_epochs: float = 1.0
-    learning_rate: float | None = field(default=None, metadata={"help": f"Default per mode: {DEFAULT_LEARNING_RATES}."})
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
-    seed: int = 0
-    logging_steps: int = 20
-    eval_steps: int = field(default=0, metadata={"help": "Validation AUROC every this many steps (0: only at the end)."})
-    load_best_model_at_end: bool = field(default=True,
-                                         metadata={"help": "Restore the weights of the best validation AUROC."})
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
+class FinetuneTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with SLIMP's defaults; `--output_dir` is the release folder."""
+
+    output_dir: str = field(default="outputs/slimp-classifier", metadata={"help": "The release folder: classifier, processor, card, results.json (what --push_to_hub uploads)."})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "Trainer's checkpoints (default: OUTPUT_DIR-checkpoints, beside the release folder)."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (full, lora); <= 0 uses num_train_epochs."})
+    learning_rate: float = field(default=0.0, metadata={"help": f"Peak learning rate (full, lora); 0 takes the mode's default {DEFAULT_LEARNING_RATES}."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Patients (or chunks of a large one) per batch and device."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers SchedulerType)."})
+    warmup_steps: float = field(default=10, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    logging_steps: float = field(default=20, metadata={"help": "Log the training loss every this many steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps (with --save_strategy steps)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    metric_for_best_model: str | None = field(default="auroc", metadata={"help": "The validation metric of --load_best_model_at_end."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs the image and metadata columns."})
+    dataloader_num_workers: int = field(default=1, metadata={"help": "DataLoader workers (they decode and augment images)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation, the data order and the augmentations."})
+
+    def __post_init__(self):
+        release = Path(self.output_dir)
+        self.checkpoint_dir = self.checkpoint_dir or str(release.with_name(release.name + "-checkpoints"))
+        if Path(self.checkpoint_dir).resolve().is_relative_to(release.resolve()):
+            raise ArgumentError(f"--checkpoint_dir {self.checkpoint_dir} is inside --output_dir {self.output_dir}, the folder "
+                                "that is published; put it beside it")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id (e.g. your-org/slimp-isic2024-classifier)")
+        super().__post_init__()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
-    return parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
+def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, FinetuneTrainingArguments]:
+    return parse_dataclasses((DataArguments, ModelArguments, FinetuneTrainingArguments), argv)
+
+
+def trainer_arguments(args: FinetuneTrainingArguments, mode: str) -> TrainingArguments:
+    """What Trainer itself gets: checkpoints in `checkpoint_dir`, the mode's learning rate, no push (the
+    release folder, not Trainer's, is what gets pushed)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values.update(output_dir=args.checkpoint_dir, learning_rate=args.learning_rate or DEFAULT_LEARNING_RATES[mode],
+                  push_to_hub=False)
+    return TrainingArguments(**values)
 
 
 # ----- the classifier -----
@@ -144,13 +170,9 @@ def resolve_class_weights(spec: str, train_labels, num_labels: int) -> list[floa
         return None
     if spec == "auto":
         return inverse_frequency_weights(train_labels, num_labels)
-    try:
-        weights = [float(w) for w in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"--class_weights must be auto, none or {num_labels} comma-separated numbers, "
-                         f"got '{spec}'") from None
+    weights = [float(w) for w in spec.split(",")]
     if len(weights) != num_labels:
-        raise ValueError(f"--class_weights has {len(weights)} values but the dataset has {num_labels} classes")
+        raise ArgumentError(f"--class_weights has {len(weights)} values but the dataset has {num_labels} classes")
     return weights
 
 
@@ -159,7 +181,8 @@ def load_classifier(model_args: ModelArguments, label_names: list[str], class_we
     """The classifier on the pre-trained weights; the head (and only the head) is freshly initialised."""
     base = SLIMPConfig.from_pretrained(model_args.model_dir)
     config = SLIMPConfig.from_dict({  # from_dict runs the config's validation on the new values
-        **base.to_dict(), "classifier_features": model_args.classifier_features, "class_weights": class_weights,
+        **base.to_dict(), "classifier_features": model_args.classifier_features,
+        "classifier_representation": model_args.representation, "class_weights": class_weights,
         "id2label": dict(enumerate(label_names)), "label2id": None, "architectures": ["SLIMPForLesionClassification"]})
     model, info = SLIMPForLesionClassification.from_pretrained(
         model_args.model_dir, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
@@ -180,29 +203,30 @@ def check_schema(model: SLIMPForLesionClassification, schema: dict) -> None:
         if offered - known:
             logger.warning("%s columns unknown to the checkpoint, ignored: %s (continual pre-training, "
                            "`training/pretrain.py --init_from CKPT --continual`, adapts a checkpoint to new columns)",
-                           level, sorted(offered - known), main_process_only=True)
+                           level, sorted(offered - known))
         if known - offered:
-            logger.info("%s inputs of the checkpoint absent from the data, treated as missing: %s", level,
-                        sorted(known - offered), main_process_only=True)
+            logger.info("%s inputs of the checkpoint absent from the data, treated as missing: %s", level, sorted(known - offered))
 
 
 def unused_by_classifier(model: SLIMPForLesionClassification) -> list[nn.Module | nn.Parameter]:
-    """Pre-training-only parts, and the metadata towers `classifier_features` leaves out."""
-    slimp, features = model.slimp, model.config.classifier_features.split("+")
-    parts: list = [slimp.lesion_logit_scale, slimp.patient_logit_scale, slimp.phenotype_projection]
+    """Pre-training-only parts, the projections a tower-representation head skips, and the towers it ignores."""
+    slimp, parts = model.slimp, model.parts
+    unused: list = [slimp.lesion_logit_scale, slimp.patient_logit_scale, slimp.phenotype_projection]
     if slimp.patient_pooling is not None:
-        parts.append(slimp.patient_pooling)
-    if "lesion" not in features:
-        parts += [slimp.lesion_metadata_model, slimp.lesion_metadata_projection]
-    if "patient" not in features:
-        parts += [slimp.patient_metadata_model, slimp.patient_metadata_projection]
-    return parts
+        unused.append(slimp.patient_pooling)
+    if model.config.classifier_representation == "tower":
+        unused += [slimp.visual_projection, slimp.lesion_metadata_projection, slimp.patient_metadata_projection]
+    if "lesion" not in parts:
+        unused += [slimp.lesion_metadata_model, slimp.lesion_metadata_projection]
+    if "patient" not in parts:
+        unused += [slimp.patient_metadata_model, slimp.patient_metadata_projection]
+    return unused
 
 
 def lora_target_pattern(model_args: ModelArguments, classifier_features: str) -> str:
     """A regex (peft full-matches it against module names) for the named layers of the towers in use only,
     so that no other layer, and no tower the head ignores, gets an adapter."""
-    towers = "|".join(TOWERS[part] for part in classifier_features.split("+"))
+    towers = "|".join(TOWERS[part] for part in classifier_features.split("+") if TOWERS[part])
     names = "|".join(re.escape(name.strip()) for name in model_args.lora_target_modules.split(",") if name.strip())
     return rf"slimp\.({towers})\.(.*\.)?({names})"
 
@@ -224,150 +248,179 @@ def prepare_for_mode(model: SLIMPForLesionClassification, model_args: ModelArgum
                         modules_to_save=["classifier"])
     peft_model = get_peft_model(model, config)
     adapted = {name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
-    for part in model.config.classifier_features.split("+"):
-        if not any(f".slimp.{TOWERS[part]}." in name for name in adapted):
+    for part in model.parts:
+        if TOWERS[part] and not any(f".slimp.{TOWERS[part]}." in name for name in adapted):
             logger.warning("LoRA: no layer named %s in the %s tower; it stays frozen (name others with "
-                           "--lora_target_modules)", model_args.lora_target_modules, part, main_process_only=True)
+                           "--lora_target_modules)", model_args.lora_target_modules, part)
     if not adapted:
-        raise ValueError(f"LoRA: no layer matches --lora_target_modules {model_args.lora_target_modules}")
+        raise ArgumentError(f"LoRA: no layer matches --lora_target_modules {model_args.lora_target_modules}")
     return peft_model
 
 
-def set_train_mode(model: nn.Module, mode: str) -> None:
-    """Training mode, except a linear probe's frozen backbone (deterministic features)."""
-    model.train()
-    if mode == "linear":
-        getattr(model, "module", model).slimp.eval()  # `module`: under DDP
-
-
-# ----- evaluation -----
-def evaluate_split(model: nn.Module, collator: SLIMPCollator, dataset, batch_size: int) -> dict[str, float]:
-    logits, labels = predict_split(model, dataset, collator, batch_size=batch_size)
-    return classification_metrics(labels, logits, patient_ids=dataset["patient_id"])
-
-
-# ----- training -----
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
-
-
+# ----- linear mode: the probe, fitted once on frozen features -----
 @torch.no_grad()
-def restore_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    parameters = dict(model.named_parameters())
-    for name, value in state.items():
-        parameters[name].copy_(value)
+def fit_linear_head(model: SLIMPForLesionClassification, train_split, collator: SLIMPCollator, model_args: ModelArguments,
+                    class_weights: list[float] | None, seed: int, batch_size: int) -> None:
+    """Compute the frozen features of the train split once (whole patients) and set `model.classifier` to
+    the logistic-regression probe fitted on them (standardisation folded into the weights)."""
+    _, labels, extras = predict_split(model, train_split, collator, batch_size=batch_size, return_features=True)
+    inputs = np.concatenate([extras[part] for part in model.parts], axis=1)  # the head's input, in its order
+    weights = None if class_weights is None else dict(enumerate(class_weights))
+    probe = fit_probe(inputs, labels, seed=seed, C=model_args.probe_C, class_weight=weights)
+    scaler, regression = probe.steps[0][1], probe.steps[1][1]
+    coef = regression.coef_ / scaler.scale_  # (C', F)
+    intercept = regression.intercept_ - coef @ scaler.mean_
+    num_labels, classes = model.config.num_labels, [int(c) for c in regression.classes_]
+    weight, bias = torch.zeros(num_labels, inputs.shape[1], dtype=torch.float64), torch.zeros(num_labels, dtype=torch.float64)
+    if len(classes) == 2:  # one row: log-odds of classes[1] vs classes[0]
+        weight[classes[1]], bias[classes[1]] = torch.from_numpy(coef[0]), float(intercept[0])
+    else:
+        weight[classes], bias[classes] = torch.from_numpy(coef), torch.from_numpy(intercept)
+        bias[[c for c in range(num_labels) if c not in classes]] = -1e4  # a class never seen is never predicted
+    model.classifier.weight.copy_(weight.to(model.classifier.weight.dtype))
+    model.classifier.bias.copy_(bias.to(model.classifier.bias.dtype))
 
 
-def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTransform, accelerator: Accelerator,
-               args: TrainArguments, mode: str, max_steps: int, validate) -> tuple[list[dict], dict]:
-    """Train `max_steps` optimizer steps; `validate(model) -> AUROC` every `eval_steps` on the main process.
+# ----- Trainer -----
+class TrainCollator:
+    """Patient chunks -> a training batch for Trainer: decode + resize + augmentation parameters
+    (`SLIMPCollator`), then the augmentation and normalisation (`BatchTransform`), in the worker."""
 
-    Returns the logged history and the best validation result: {"step", "auroc", "state"} (trainable
-    weights on the CPU; "state" None if never measured)."""
-    history: list[dict] = []
-    best = {"step": None, "auroc": -math.inf, "state": None}
-    progress = tqdm(total=max_steps, disable=not accelerator.is_local_main_process, desc=f"fine-tuning ({mode})")
-    step, epoch = 0, 0
-    set_train_mode(model, mode)
-    while step < max_steps:
-        sampler.set_epoch(epoch)
-        loader.collate_fn.set_epoch(epoch)
-        for batch in loader:
-            batch = transform(batch, accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == max_steps:
-                record = {"step": step, "train/loss": loss.item(), "train/learning_rate": scheduler.get_last_lr()[0]}
-                history.append(record)
-                accelerator.log(record, step=step)
-                progress.set_postfix(loss=f"{record['train/loss']:.3f}")
-            if args.eval_steps > 0 and step % args.eval_steps == 0:
-                if accelerator.is_main_process:
-                    unwrapped = accelerator.unwrap_model(model)
-                    value = validate(unwrapped)
-                    history.append({"step": step, "validation/auroc": value})
-                    logger.info("step %d validation AUROC %.4f", step, value)
-                    if value > best["auroc"]:  # NaN (a one-class split) never counts as best
-                        best = {"step": step, "auroc": value, "state": trainable_state(unwrapped)}
-                    set_train_mode(model, mode)
-                accelerator.wait_for_everyone()
-            if step >= max_steps:
-                break
-        else:
-            epoch += 1
-    progress.close()
-    return history, best
+    def __init__(self, processor: SLIMPProcessor, seed: int):
+        self.collate = SLIMPCollator(processor, train=True, seed=seed)
+        self.transform = BatchTransform(processor)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.collate.set_epoch(epoch)
+
+    def __call__(self, items: list) -> dict:
+        rows = [row for item in items for row in (item if isinstance(item, list) else [item])]
+        return self.transform(self.collate(rows))
+
+
+class EpochCallback(TrainerCallback):
+    """Mixes the epoch into the seeded augmentations, and writes a sha256 manifest into every checkpoint."""
+
+    def __init__(self, collator: TrainCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class SLIMPTrainer(Trainer):
+    """`transformers.Trainer` whose evaluation is the project's one evaluation pass: whole patients, the
+    patient context over all of a patient's lesions, and the ISIC 2024 metrics (`classification_metrics`)."""
+
+    def __init__(self, *args, eval_collator: SLIMPCollator, eval_batch_size: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator, self.eval_batch_size = eval_collator, eval_batch_size
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        logits, labels = predict_split(model, dataset, self.eval_collator, batch_size=self.eval_batch_size,
+                                       device=self.args.device)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in
+                   classification_metrics(labels, logits, patient_ids=dataset["patient_id"]).items()}
+        model.train()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def resolve_resume(checkpoint_dir: str, resume: str | bool | None) -> str | None:
+    """Trainer's `resume_from_checkpoint`, with the newest *intact* checkpoint for "latest"/True (each checked
+    against its sha256 manifest; a damaged one is skipped with a warning naming it)."""
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if resume not in (True, "latest", "true", "True"):
+        problems = damaged_files(Path(resume))
+        if problems:
+            raise CheckpointError(f"checkpoint {resume} is damaged: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+        return str(resume)
+    found = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for candidate in reversed(found):
+        problems = damaged_files(candidate)
+        if not problems:
+            return str(candidate)
+        logger.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate,
+                       "; ".join(f"{k}: {v}" for k, v in problems.items()))
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir} (see the warnings)")
+    logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", checkpoint_dir)
+    return None
 
 
 # ----- saving -----
+def save_outputs(model: nn.Module, processor: SLIMPProcessor, model_args: ModelArguments, data_args: DataArguments,
+                 args: FinetuneTrainingArguments, schema: dict, results: dict) -> nn.Module:
+    """The release folder (merged for `--merge`); returns the model that was saved."""
+    adapter = model_args.mode == "lora" and not model_args.merge
+    if model_args.mode == "lora" and model_args.merge:
+        model = model.merge_and_unload()
+    save_release(model, processor, args.output_dir, schema, data_args.dataset_dir, results, task="classification",
+                 hub_model_id=args.hub_model_id, base_model=model_args.base_model_id)
+    if adapter:
+        save_adapter_extras(model, args.output_dir, model_args.base_model_id, args.hub_model_id)
+    if args.push_to_hub:
+        push_release(args.output_dir, args.hub_model_id)
+    return model
+
+
 LORA_CARD_SECTION = """## Loading this LoRA adapter
 
-This folder holds a LoRA adapter (`adapter_model.safetensors`, with the trained `classifier` head), not
-full weights. Load it onto the pre-trained SLIMP checkpoint it was trained from (`{base}`):
+This folder holds a LoRA adapter (`adapter_model.safetensors`, with the trained `classifier` head), the
+classifier's `config.json` and code, not full weights. Load it onto the pre-trained SLIMP checkpoint it was
+trained from ({base_note}):
 
 ```python
 from peft import PeftModel
-from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification
+from transformers import AutoConfig, AutoModelForImageClassification
 
-config = SLIMPConfig.from_pretrained("path/to/this/folder")   # the classifier's labels, features, class weights
-base = SLIMPForLesionClassification.from_pretrained("{base}", config=config)
-model = PeftModel.from_pretrained(base, "path/to/this/folder").eval()
+adapter_id = "{adapter}"
+base_id = "{base}"
+config = AutoConfig.from_pretrained(adapter_id, trust_remote_code=True)   # labels, features, class weights
+base = AutoModelForImageClassification.from_pretrained(base_id, config=config, trust_remote_code=True)
+model = PeftModel.from_pretrained(base, adapter_id).eval()
 merged = model.merge_and_unload()   # a plain SLIMPForLesionClassification, e.g. for `pipeline`
+print(type(merged).__name__)
 ```
 
 """
 
 
-def save_outputs(model: nn.Module, processor: SLIMPProcessor, model_args: ModelArguments, data_args: DataArguments,
-                 args: TrainArguments, schema: dict, results: dict) -> nn.Module:
-    """The classifier folder (merged for `--merge`); returns the model that was saved."""
-    adapter = model_args.mode == "lora" and not model_args.merge
-    if model_args.mode == "lora" and model_args.merge:
-        model = model.merge_and_unload()
-    save_release(model, processor, args.output_dir, schema, data_args.dataset_dir, results, task="classification",
-                 hub_model_id=args.hub_model_id)
-    if adapter:  # the card gets its loading section first, then the folder goes to the Hub
-        add_adapter_card_section(Path(args.output_dir) / "README.md", model_args.model_dir)
-    if args.push_to_hub:
-        if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-org/slimp-isic2024-lora)")
-        push_release(args.output_dir, args.hub_model_id)
-    return model
+def save_adapter_extras(model, output_dir: str, base_model_id: str | None, hub_model_id: str | None) -> None:
+    """An adapter folder also gets the classifier's code files (its config's auto_map names them) and a card
+    that marks it as a peft adapter of the base checkpoint and shows how to load it."""
+    from transformers.dynamic_module_utils import custom_object_save
 
-
-def add_adapter_card_section(card: Path, base: str) -> None:
-    """Mark the card as a peft adapter of `base` (a Hub id goes into `base_model`) and show how to load it."""
+    base = model.get_base_model()
+    custom_object_save(base, output_dir, config=base.config)
+    base.config.save_pretrained(output_dir)
+    card = Path(output_dir) / "README.md"
     _, header, body = card.read_text().split("---", 2)
     meta = {**yaml.safe_load(header), "library_name": "peft"}
-    if not Path(base).exists():
-        meta["base_model"] = base
-    anchor, section = "## How to use", LORA_CARD_SECTION.replace("{base}", base)
+    if base_model_id:
+        meta["base_model"] = base_model_id
+    section = LORA_CARD_SECTION.format(
+        adapter=hub_model_id or "path/to/this/folder", base=base_model_id or "path/to/the/pre-trained/checkpoint",
+        base_note=f"`{base_model_id}`" if base_model_id else "give its folder or Hub id")
+    anchor = "## How to use"
     body = body.replace(anchor, section + anchor, 1) if anchor in body else body + section
     card.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---" + body)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Returns {"classification": {split: metrics}, "history", "best_step", "class_weights", "model"} (the
-    saved model, in memory) on the main process."""
+    """Returns {"classification": {split: metrics}, "history", "class_weights", "mode", "model"} (the saved
+    model, in memory) on the main process."""
     data_args, model_args, args = parse_args(argv)
-    if model_args.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got '{model_args.mode}'")
-    if model_args.merge and model_args.mode != "lora":
-        raise ValueError("--merge applies to --mode lora only")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
-    set_seed(args.seed)
+    torch.manual_seed(args.seed)
     train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train")
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
     test_split, _ = load_slimp_dataset(data_args.dataset_dir, "test")
@@ -377,51 +430,40 @@ def main(argv: list[str] | None = None) -> dict:
     check_schema(model, schema)
     processor = SLIMPProcessor.from_pretrained(model_args.model_dir)
     processor.config = model.config  # one schema object for processor and model; config.json = the classifier's
+    eval_collator = SLIMPCollator(processor, train=False)
     model = prepare_for_mode(model, model_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("mode %s: %d of %d parameters train; class weights %s", model_args.mode, trainable,
-                sum(p.numel() for p in model.parameters()), class_weights, main_process_only=True)
+                sum(p.numel() for p in model.parameters()), class_weights)
 
-    sampler = PatientBatchSampler(train_split["patient_id"], data_args.patients_per_batch, data_args.max_lesions_per_patient,
-                                  labels=train_split["label"], seed=args.seed, num_replicas=accelerator.num_processes,
-                                  rank=accelerator.process_index, include_malignant=data_args.include_malignant)
-    # The sampler shards by rank itself: the loader is not passed through accelerator.prepare.
-    loader = DataLoader(train_split, batch_sampler=sampler, num_workers=data_args.num_workers,
-                        collate_fn=SLIMPCollator(processor, train=True, seed=args.seed))
-    eval_collator = SLIMPCollator(processor, train=False)
-    steps_per_epoch = max(1, len(sampler) // args.gradient_accumulation_steps)
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    args.learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES[model_args.mode]
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 2), max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    def validation_auroc(unwrapped: nn.Module) -> float:
-        return evaluate_split(unwrapped, eval_collator, validation_split, data_args.eval_batch_size)["auroc"]
-
-    history, best = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args,
-                               model_args.mode, max_steps, validation_auroc)
-    accelerator.wait_for_everyone()
+    history, is_main = [], True
+    if model_args.mode == "linear":
+        fit_linear_head(model, train_split, eval_collator, model_args, class_weights, args.seed, data_args.eval_batch_size)
+    else:
+        collator = TrainCollator(processor, args.seed)
+        trainer = SLIMPTrainer(
+            model=model, args=trainer_arguments(args, model_args.mode),
+            train_dataset=PatientChunks(train_split, max_lesions_per_patient=data_args.max_lesions_per_patient),
+            eval_dataset=validation_split, data_collator=collator, processing_class=processor,
+            callbacks=[EpochCallback(collator)], eval_collator=eval_collator, eval_batch_size=data_args.eval_batch_size)
+        trainer.train(resume_from_checkpoint=resolve_resume(args.checkpoint_dir, args.resume_from_checkpoint))
+        history, is_main = trainer.state.log_history, trainer.is_world_process_zero()
+        model = trainer.accelerator.unwrap_model(trainer.model)
     result: dict = {"history": history}
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        best_step = max_steps
-        if args.load_best_model_at_end and best["state"] is not None and best["step"] != max_steps:
-            if best["auroc"] > validation_auroc(unwrapped):
-                restore_state(unwrapped, best["state"])
-                best_step = best["step"]
-                logger.info("restored the weights of step %d (validation AUROC %.4f)", best_step, best["auroc"])
-        scores = {name: evaluate_split(unwrapped, eval_collator, split, data_args.eval_batch_size)
-                  for name, split in (("validation", validation_split), ("test", test_split))}
+    if is_main:
+        scores = {}
+        for name, split in (("validation", validation_split), ("test", test_split)):
+            logits, labels = predict_split(model, split, eval_collator, batch_size=data_args.eval_batch_size)
+            scores[name] = classification_metrics(labels, logits, patient_ids=split["patient_id"])
         logger.info("results %s", json.dumps(scores))
-        result.update(classification=scores, best_step=best_step, class_weights=class_weights, mode=model_args.mode)
-        results = {**result, "train_args": asdict(args), "data_args": asdict(data_args), "model_args": asdict(model_args)}
-        result["model"] = save_outputs(unwrapped, processor, model_args, data_args, args, schema, results).eval()
-    accelerator.end_training()
+        result.update(classification=scores, class_weights=class_weights, mode=model_args.mode)
+        results = {**result, "train_args": public_value(args.to_dict()), "data_args": public_value(dataclasses.asdict(data_args)),
+                   "model_args": public_value(dataclasses.asdict(model_args))}
+        result["model"] = save_outputs(model, processor, model_args, data_args, args, schema, results).eval()
     return result
 
 
 if __name__ == "__main__":
-    outcome = main()
+    outcome = run_cli(main, errors=(ArgumentError, CheckpointError))
     if "classification" in outcome:
         print(json.dumps(outcome["classification"], indent=1))

@@ -47,6 +47,7 @@ from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS  # noqa: E40
 from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
 from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
+from training.data.augment import AUGMENTATIONS  # noqa: E402
 from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
 from training.data.dataset import load_slimp_dataset  # noqa: E402
 from training.data.sampler import PatientBatchSampler  # noqa: E402
@@ -76,6 +77,7 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the train split (datasets IterableDataset, shards split by process) instead of sampling it; needs --max_steps."})
     stream_shards: int = field(default=16, metadata={"help": "Shards of the train stream (a multiple of the processes)."})
     schema_rows: int = field(default=50_000, metadata={"help": "With --streaming: rows of the stream the metadata schema is fitted on."})
+    augmentation: str = field(default="default", metadata={"help": f"Augmentation preset: one of {tuple(AUGMENTATIONS)} (training/data/augment.py)."})
     exclude_features: list[str] = field(default_factory=list, metadata={"help": "Metadata columns (fnmatch patterns, e.g. '*ext*') left out of the model's inputs."})
 
     def __post_init__(self):
@@ -84,6 +86,8 @@ class DataArguments:
                 raise ArgumentError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ArgumentError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ArgumentError(f"--augmentation must be one of {tuple(AUGMENTATIONS)}, got '{self.augmentation}'")
 
 
 @dataclass
@@ -232,9 +236,23 @@ def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPM
                  if model_args.init_vision_from else SLIMPModel(config))
     for tower in (model.config.lesion_metadata_config, model.config.patient_metadata_config):
         tower.feature_dropout = model_args.feature_dropout
+    check_towers(model.config)
     if model_args.continual:
         freeze_for_continual(model)
     return model
+
+
+def check_towers(config) -> None:
+    """A metadata tower without any usable feature outputs a constant: the loss term it feeds would stay at
+    chance for the whole run. That is an error, unless that term is switched off."""
+    if not config.lesion_metadata_config.feature_names and config.lesion_loss_weight > 0 and config.image_ssl_weight < 1:
+        raise ArgumentError("the dataset leaves the lesion metadata tower without any usable feature (none in schema.json, "
+                            "or every value missing in the train split): the lesion loss could not learn. Convert the data "
+                            "with its lesion columns, or pre-train image-only (--image_ssl_weight 1).")
+    if not config.patient_metadata_config.feature_names and config.lesion_loss_weight < 1 and config.image_ssl_weight < 1:
+        raise ArgumentError("the dataset leaves the patient metadata tower without any usable feature (none in schema.json, "
+                            "or every value missing in the train split): the patient loss would stay at chance. Pass "
+                            "--lesion_loss_weight 1 (the flat lesion-level loss), or give the data its patient columns.")
 
 
 def build_processor(model: SLIMPModel, model_args: ModelArguments) -> SLIMPProcessor:
@@ -315,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     processor = build_processor(model, model_args)
-    train_collator = SLIMPCollator(processor, train=True, two_views=model.config.image_ssl_weight > 0, seed=args.seed)
+    train_collator = SLIMPCollator(processor, train=True, two_views=model.config.image_ssl_weight > 0, seed=args.seed,
+                                   augmentation=AUGMENTATIONS[data_args.augmentation])
     eval_collator = SLIMPCollator(processor, train=False)
 
     sampler, loader, batches_per_epoch = build_loader(train_split, train_collator, data_args, args, accelerator)

@@ -54,10 +54,11 @@ def probe_inputs(features: dict[str, np.ndarray], feature_set: str, representati
     return np.concatenate(parts, axis=1)
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float = 1.0):
-    """The linear probe: standardisation + class-balanced logistic regression, fitted (a scikit-learn
-    pipeline; `predict_proba` columns follow its `classes_`)."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed))
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float = 1.0, class_weight="balanced"):
+    """The linear probe: standardisation + logistic regression (class-balanced by default; `class_weight`
+    as scikit-learn's: "balanced", None or {class: weight}), fitted (a scikit-learn pipeline;
+    `predict_proba` columns follow its `classes_`)."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, class_weight=class_weight, random_state=seed))
     return probe.fit(train_x, train_y)
 
 

@@ -61,6 +61,16 @@ class AugmentationConfig:
                 and self.max_degrees == 0 and self.jitter_p == 0 and self.blur_p == 0)
 
 
+# Named presets (`pretrain.py --augmentation`). `geometric` keeps what the metadata measures (size within a
+# few percent, colour exactly): only flips, rotations and a slight zoom.
+AUGMENTATIONS = {
+    "default": AugmentationConfig(),
+    "geometric": AugmentationConfig(crop_scale=(0.8, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0),
+    "none": AugmentationConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, rotate90=False, max_degrees=0.0,
+                               jitter_p=0.0),
+}
+
+
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=generator).item()
 
@@ -183,4 +193,4 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, h, w)
 
 
-__all__ = ["AugmentationConfig", "PARAMETERS", "draw_parameters", "augment", "color_jitter", "gaussian_blur"]
+__all__ = ["AugmentationConfig", "AUGMENTATIONS", "PARAMETERS", "draw_parameters", "augment", "color_jitter", "gaussian_blur"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 import os
 from pathlib import Path
 from typing import Optional
@@ -205,7 +206,9 @@ def check_image(data: bytes, mode: str = "decode") -> Optional[str]:
                 image.draft("RGB", (1, 1))
                 image.load()
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return f"{type(error).__name__}: {error}"
+        # PIL names the in-memory file by its address (<_io.BytesIO object at 0x...>): say "the image bytes",
+        # so that summary.json is the same on every run.
+        return f"{type(error).__name__}: " + re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(error))
     return None
 
 
@@ -279,8 +282,11 @@ class FolderImageStore:
         return path.read_bytes()
 
 
+HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
+
+
 def open_image_store(paths: list[str | os.PathLike]) -> Hdf5ImageStore | FolderImageStore:
-    """An HDF5 file (one path that is a file) or folders of image files."""
-    if len(paths) == 1 and Path(paths[0]).is_file():
+    """An HDF5 file (one path that is a file, or that is named like one) or folders of image files."""
+    if len(paths) == 1 and (Path(paths[0]).is_file() or Path(paths[0]).suffix.lower() in HDF5_SUFFIXES):
         return Hdf5ImageStore(paths[0])
     return FolderImageStore(paths)
