@@ -485,6 +485,16 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         """(N, C) the representation the context compares: concat of the image (+ lesion) parts."""
         return torch.cat([features[part] for part in self.context_parts()], dim=-1)
 
+    def batch_context(self, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The patient context over the lesions of this batch (None when the head does not read it): each
+        lesion's representation minus the mean of its patient's other lesions in `features` (`lesion_features`)."""
+        if "context" not in self.parts:
+            return None
+        representation = self.context_representation(features)
+        sums = PatientSums(features["num_patients"], representation.shape[-1], device=representation.device,
+                           dtype=representation.dtype).add(representation, features["patient_index"])
+        return sums.context(representation, features["patient_index"])
+
     def classify(self, features: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, num_labels) from `lesion_features` and, when the head reads it, the context (N, C)."""
         inputs = []
@@ -519,13 +529,7 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         """
         features = self.lesion_features(pixel_values, lesion_numerical_values, lesion_categorical_ids,
                                         patient_numerical_values, patient_categorical_ids, patient_index)
-        context = None
-        if "context" in self.parts:
-            representation = self.context_representation(features)
-            sums = PatientSums(features["num_patients"], representation.shape[-1], device=representation.device,
-                               dtype=representation.dtype).add(representation, features["patient_index"])
-            context = sums.context(representation, features["patient_index"])
-        logits = self.classify(features, context)  # (N, num_labels)
+        logits = self.classify(features, self.batch_context(features))  # (N, num_labels)
         loss = self.classification_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 

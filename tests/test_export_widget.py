@@ -42,7 +42,8 @@ BACKBONES = {
 }
 
 
-def tiny_classifier(vision_config, classifier_features: str, dropout: float = 0.0) -> SLIMPForLesionClassification:
+def tiny_classifier(vision_config, classifier_features: str, dropout: float = 0.0,
+                    representation: str = "projection") -> SLIMPForLesionClassification:
     """Random SLIMP classifier whose head, projections and biases are far from zero (so a dropped term shows)."""
     torch.manual_seed(0)
     metadata = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
@@ -56,7 +57,7 @@ def tiny_classifier(vision_config, classifier_features: str, dropout: float = 0.
             numerical_features=["age_approx"], categorical_features={"sex": ["female", "male"]},
             numerical_mean=[50.0], numerical_std=[15.0], **metadata),
         projection_dim=8, classifier_features=classifier_features, num_labels=3, id2label=ID2LABEL,
-        classifier_dropout=dropout,
+        classifier_dropout=dropout, classifier_representation=representation,
     )
     model = SLIMPForLesionClassification(config)
     slimp = model.slimp
@@ -82,10 +83,13 @@ def assert_builtin_export(out, expected_class) -> torch.nn.Module:
     return loaded.eval()
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_export_reproduces_image_only_logits_and_pipeline(backbone, tmp_path):
+@pytest.mark.parametrize("backbone, variant", [(b, None) for b in BACKBONES] + [
+    ("vit", ("image+lesion+patient+context", "tower")), ("resnet", ("image+lesion+context", "tower")),
+    ("dinov2", ("image+context", "projection"))])
+def test_export_reproduces_image_only_logits_and_pipeline(backbone, variant, tmp_path):
     make_config, classifier_features, expected_class = BACKBONES[backbone]
-    model = tiny_classifier(make_config(), classifier_features)
+    features, representation = variant or (classifier_features, "projection")
+    model = tiny_classifier(make_config(), features, representation=representation)
     out = tmp_path / "widget"
     export_widget(model, out)
     loaded = assert_builtin_export(out, expected_class)
@@ -121,9 +125,9 @@ def test_main_exports_verifies_and_fails_loudly(tmp_path, monkeypatch):
     assert_builtin_export(out, ViTForImageClassification)
     assert (out / "preprocessor_config.json").read_text() == (model_dir / "preprocessor_config.json").read_text()
     card = (out / "README.md").read_text()
-    for line in ("license: cc-by-nc-4.0", "pipeline_tag: image-classification", "library_name: transformers",
-                 f"base_model: {model_dir}"):
+    for line in ("license: other", "pipeline_tag: image-classification", "library_name: transformers"):
         assert line in card
+    assert "base_model" not in card, "a local path is not a Hub id"
     assert "image-only export" in card
 
     original = export_module.image_only_head  # a wrong constant must fail the check with the difference

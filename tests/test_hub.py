@@ -74,6 +74,9 @@ def checkpoints(tmp_path_factory):
 
     pil_image = images(1, seed=5)[0]
     pil_image.save(root / "lesion.png")
+    for index, image in enumerate(images(len(rows))):  # the processor's inputs, for the process without the package
+        image.save(root / f"row{index}.png")
+    rows.to_json(root / "rows.json", orient="records")
     with torch.no_grad():
         pipeline_probs = classifier(pixel_values=processor(images=[pil_image])["pixel_values"]).logits.softmax(-1)[0]
     torch.manual_seed(2)
@@ -85,6 +88,8 @@ def checkpoints(tmp_path_factory):
             "classifier_image_features": classifier.slimp.get_image_features(pixel_values),
             "classifier_logits": classifier(pixel_values=pixel_values).logits,
             "pipeline_probs": pipeline_probs,
+            "processor_batch": dict(processor(images=[Image.open(root / f"row{i}.png") for i in range(len(rows))],
+                                              metadata=pd.read_json(root / "rows.json").to_dict("records"))),
         }
     torch.save(reference, root / "reference.pt")
     return {"root": root, "model": model, "classifier": classifier, "batch": batch, "model_out": model_out,
@@ -181,9 +186,10 @@ try:
     importable = True
 except ImportError:
     importable = False
+import json
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoModelForImageClassification, pipeline
+from transformers import AutoModel, AutoModelForImageClassification, AutoProcessor, pipeline
 
 reference = torch.load(f"{root}/reference.pt")
 pixel_values = reference["pixel_values"]
@@ -199,6 +205,12 @@ with torch.no_grad():
         "classifier_image_features": classifier.slimp.get_image_features(pixel_values),
         "classifier_logits": classifier(pixel_values=pixel_values).logits,
     }
+processor = AutoProcessor.from_pretrained(f"{root}/classifier", trust_remote_code=True)
+rows = json.load(open(f"{root}/rows.json"))
+results["processor_class"] = type(processor).__module__ + "." + type(processor).__name__
+results["processor_batch"] = dict(processor(images=[Image.open(f"{root}/row{i}.png") for i in range(len(rows))], metadata=rows))
+with torch.no_grad():
+    results["processor_logits"] = classifier(**results["processor_batch"]).logits
 classify = pipeline("image-classification", model=f"{root}/classifier", trust_remote_code=True)
 results["pipeline"] = classify(Image.open(f"{root}/lesion.png"), top_k=3)
 results["modules"] = sorted(name for name in sys.modules if "slimp" in name)
@@ -227,6 +239,13 @@ def test_remote_code_in_a_process_without_the_package(checkpoints):
         torch.testing.assert_close(results[key], reference[key], rtol=0, atol=1e-6, msg=key)
     torch.testing.assert_close(results["base_from_classifier_image_features"], reference["classifier_image_features"],
                                rtol=0, atol=1e-6)
+
+    # AutoProcessor gives SLIMPProcessor (from the folder's code), metadata and all: the same batch as in-process.
+    assert results["processor_class"].startswith("transformers_modules.") and results["processor_class"].endswith(".SLIMPProcessor")
+    assert results["processor_batch"].keys() == reference["processor_batch"].keys()
+    for key, value in reference["processor_batch"].items():
+        torch.testing.assert_close(results["processor_batch"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    torch.testing.assert_close(results["processor_logits"], checkpoints["classifier_logits"], rtol=0, atol=1e-5)
 
     predictions = results["pipeline"]
     id2label = checkpoints["classifier"].config.id2label

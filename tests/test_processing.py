@@ -233,3 +233,56 @@ def test_refuses_to_save_next_to_a_different_schema(tmp_path):
     other.lesion_metadata_config.numerical_mean = [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="lesion_metadata_config"):
         SLIMPProcessor(config=other).save_pretrained(tmp_path)
+
+
+def test_images_as_numpy_torch_lists_and_a_datasets_column_give_the_same_pixels():
+    import datasets
+
+    pil = rgb_images(3)
+    proc = processor()
+    expected = proc(images=pil)["pixel_values"]
+    arrays = [np.asarray(image) for image in pil]  # (H, W, 3) uint8
+    tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
+    floats = [a.astype(np.float32) / 255 for a in arrays]  # (H, W, 3) in [0, 1]
+    column = datasets.Dataset.from_dict({"image": pil}, features=datasets.Features({"image": datasets.Image()}))["image"]
+    for name, images in (("numpy", arrays), ("torch", tensors), ("float numpy", floats), ("datasets column", column),
+                         ("tuple", tuple(pil))):
+        torch.testing.assert_close(proc(images=images)["pixel_values"], expected, rtol=0, atol=1e-6, msg=name)
+    same_size = [Image.fromarray(a[:33, :47]) for a in arrays]
+    stacked = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1) for i in same_size])  # (N, 3, H, W)
+    torch.testing.assert_close(proc(images=stacked)["pixel_values"], proc(images=same_size)["pixel_values"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="image 1: cannot be read"):
+        proc(images=[pil[0], b"not an image"])
+
+
+def test_metadata_encoding_matches_a_value_by_value_reference():
+    """The column-wise encoding (one conversion per column, a lookup per distinct category) gives what
+    reading each value with the contract's rules gives."""
+    from modeling_slimp.schema_slimp import as_category, parse_number
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(200):
+        rows.append({"patient_id": f"P{rng.integers(0, 30)}", "clin_size_long_diam_mm": rng.choice([1.5, None, "2.5", "x", np.nan]),
+                     "tbp_lv_areaMM2": float(rng.normal(9, 3)), "tbp_lv_H": rng.choice([40.0, "NA", ""]),
+                     "anatom_site_general": rng.choice(["head/neck", " head/neck ", "elbow", None, "Unknown", "posterior torso"]),
+                     "tbp_tile_type": rng.choice(["3D: XP", "3D: white", None]), "age_approx": rng.choice([30.0, None, "45"]),
+                     "num_moles": rng.integers(0, 50), "sex": rng.choice(["male", "female", "UNK", None])})
+    proc = processor()
+    batch = proc(metadata=rows)
+    lesion, patient = proc.config.lesion_metadata_config, proc.config.patient_metadata_config
+    for i, row in enumerate(rows):
+        for j, feature in enumerate(lesion.numerical_features):
+            np.testing.assert_equal(batch["lesion_numerical_values"][i, j].item(), np.float32(parse_number(row[feature])[0]))
+        for j, (feature, vocabulary) in enumerate(lesion.categorical_features.items()):
+            category = as_category(row[feature])
+            assert batch["lesion_categorical_ids"][i, j].item() == (vocabulary.index(category) + 1 if category in vocabulary else 0)
+    patients = list(dict.fromkeys(row["patient_id"] for row in rows))
+    for p, key in enumerate(patients):
+        mine = [row for row in rows if row["patient_id"] == key]
+        for j, feature in enumerate(patient.numerical_features):
+            first = next((parse_number(r[feature])[0] for r in mine if not np.isnan(parse_number(r[feature])[0])), float("nan"))
+            np.testing.assert_equal(batch["patient_numerical_values"][p, j].item(), np.float32(first))
+        for j, (feature, vocabulary) in enumerate(patient.categorical_features.items()):
+            first = next((as_category(r[feature]) for r in mine if as_category(r[feature]) is not None), None)
+            assert batch["patient_categorical_ids"][p, j].item() == (vocabulary.index(first) + 1 if first in vocabulary else 0)

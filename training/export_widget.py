@@ -10,8 +10,9 @@ affine in the backbone's pooled image feature f (N, F):
     A = W[:, :D] @ P                                              (L, F)
     c = W[:, :D] @ b + W[:, D:2D] @ c_lesion + W[:, 2D:] @ c_patient + b_cls   (L,)
 
-where c_lesion / c_patient are the eval-mode projected features of all-missing metadata (present only when
-`config.classifier_features` names them). So the export is the SLIMP backbone with a single linear head
+where c_lesion / c_patient are the eval-mode features of all-missing metadata (present only when
+`config.classifier_features` names them); the patient context of a lesion without other lesions is zero; with
+`classifier_representation="tower"` the image block reads f itself (no P, b). So the export is the SLIMP backbone with a single linear head
 (A, c): `ViTForImageClassification`, `Dinov2ForImageClassification`, `ResNetForImageClassification` or
 `ConvNextForImageClassification`, loadable with `AutoModelForImageClassification.from_pretrained(OUT)` and
 no `trust_remote_code`. OUT holds `config.json` (no `auto_map`), `model.safetensors`, the SLIMP folder's
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import (
@@ -48,6 +50,7 @@ from transformers import (
 
 from modeling_slimp import SLIMPForLesionClassification, SLIMPProcessor
 from modeling_slimp.modeling_slimp import vision_feature_size
+from training.release import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -96,23 +99,32 @@ def widget_target(vision_config) -> WidgetTarget:
 
 @torch.no_grad()
 def image_only_head(model: SLIMPForLesionClassification) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (L, F), c (L,)) with image-only logits = f @ Aᵀ + c, f the backbone's pooled feature. Float64."""
+    """(A (L, F), c (L,)) with image-only logits = f @ Aᵀ + c, f the backbone's pooled feature. Float64.
+
+    Without metadata and without other lesions of the patient (the pipeline's input), the lesion and
+    patient parts are the constant features of all-missing metadata and the context part is zero."""
     was_training = model.training
     model.eval()  # metadata feature dropout and classifier dropout off: the constants are the eval-mode ones
     try:
-        slimp, dim = model.slimp, model.config.projection_dim
-        weight = model.classifier.weight.double()  # (L, parts·D)
-        projection = slimp.visual_projection
-        head_weight = weight[:, :dim] @ projection.weight.double()  # (L, F)
-        head_bias = model.classifier.bias.double() + weight[:, :dim] @ projection.bias.double()  # (L,)
-        parts = model.config.classifier_features.split("+")
+        slimp, sizes = model.slimp, model.part_sizes()
+        weight, bias = model.classifier.weight.double(), model.classifier.bias.double()  # (L, sum of parts)
+        projected = model.config.classifier_representation == "projection"
+        blocks, start = {}, 0
+        for part in model.parts:
+            blocks[part] = weight[:, start:start + sizes[part]]
+            start += sizes[part]
+        if projected:
+            head_weight = blocks["image"] @ slimp.visual_projection.weight.double()  # (L, F)
+            head_bias = bias + blocks["image"] @ slimp.visual_projection.bias.double()
+        else:
+            head_weight, head_bias = blocks["image"], bias.clone()
         constants = {
-            "lesion": lambda: slimp.get_lesion_metadata_features(num_lesions=1),
-            "patient": lambda: slimp.get_patient_metadata_features(num_patients=1),
+            "lesion": lambda: (slimp.get_lesion_metadata_features if projected else slimp.lesion_metadata_tower)(num_lesions=1),
+            "patient": lambda: (slimp.get_patient_metadata_features if projected else slimp.patient_metadata_tower)(num_patients=1),
         }
-        for block, part in enumerate(parts[1:], start=1):
-            feature = constants[part]()[0].double()  # (D,) projected feature of all-missing metadata
-            head_bias = head_bias + weight[:, block * dim:(block + 1) * dim] @ feature
+        for part in ("lesion", "patient"):
+            if part in blocks:
+                head_bias = head_bias + blocks[part] @ constants[part]()[0].double()  # all-missing metadata
     finally:
         model.train(was_training)
     return head_weight, head_bias
@@ -150,11 +162,15 @@ def build_widget_model(model: SLIMPForLesionClassification) -> PreTrainedModel:
     return widget
 
 
-def model_card(model: SLIMPForLesionClassification, widget: PreTrainedModel, base_model: str | None) -> ModelCard:
+def model_card(model: SLIMPForLesionClassification, widget: PreTrainedModel, base_model: str | None,
+               license: str = "other", datasets: list[str] | None = None) -> ModelCard:
+    """The export's card: the licence and datasets of the SLIMP classifier it comes from (its own card's),
+    `base_model` only when it is a Hub id."""
     labels = ", ".join(f"`{label}`" for label in widget.config.id2label.values())
+    base_model = base_model if is_hub_id(base_model) else None
     data = ModelCardData(
-        license="cc-by-nc-4.0", library_name="transformers", pipeline_tag="image-classification",
-        base_model=base_model or None, tags=["slimp", "dermatology", "skin-lesion", "medical"],
+        license=license, library_name="transformers", pipeline_tag="image-classification", base_model=base_model,
+        datasets=datasets or None, tags=["slimp", "dermatology", "skin-lesion", "medical"],
     )
     source = f"SLIMP lesion classifier `{base_model}`" if base_model else "a SLIMP lesion classifier"
     content = f"""---
@@ -175,18 +191,18 @@ For predictions that use lesion and patient metadata, load the full {source} wit
 ```python
 from transformers import pipeline
 
-classifier = pipeline("image-classification", model="PATH_OR_REPO_OF_THIS_MODEL")
-classifier("lesion.jpg")
+classifier = pipeline("image-classification", model="path/to/this/folder")
+print(classifier(Image.new("RGB", (128, 128), (180, 120, 100))))
 ```
 
-Licence: CC BY-NC 4.0 (the ISIC training data is CC-BY-NC). Not a medical device; research use only.
+Licence: `{license}`, the licence of the classifier's training data. Not a medical device; research use only.
 Exported with `python -m training.export_widget` from the SLIMP repository.
 """
-    return ModelCard(content)
+    return ModelCard(content.replace("from transformers import pipeline\n", "from PIL import Image\nfrom transformers import pipeline\n"))
 
 
 def export_widget(model: SLIMPForLesionClassification, output_dir: str | os.PathLike, image_processor=None,
-                  base_model: str | None = None) -> PreTrainedModel:
+                  base_model: str | None = None, license: str = "other", datasets: list[str] | None = None) -> PreTrainedModel:
     """Write the built-in image-only classifier, its image processor and a model card to `output_dir`.
 
     image_processor: a built-in transformers image processor (default: SLIMPProcessor's default for this
@@ -202,7 +218,7 @@ def export_widget(model: SLIMPForLesionClassification, output_dir: str | os.Path
         image_processor = SLIMPProcessor(config=model.config).image_processor
     image_processor.save_pretrained(output_dir)
     base_model = base_model if base_model is not None else (model.name_or_path or None)
-    model_card(model, widget, base_model).save(output_dir / "README.md")
+    model_card(model, widget, base_model, license, datasets).save(output_dir / "README.md")
     return widget
 
 
@@ -224,6 +240,14 @@ def max_logit_difference(model: SLIMPForLesionClassification, widget: PreTrained
     return worst
 
 
+def card_metadata(folder: str) -> dict:
+    """The YAML front matter of a model folder's README.md ({} when there is none)."""
+    card = Path(folder) / "README.md"
+    if not card.is_file() or not card.read_text().startswith("---"):
+        return {}
+    return yaml.safe_load(card.read_text().split("---", 2)[1]) or {}
+
+
 @dataclass
 class ExportWidgetArguments:
     model_dir: str = field(metadata={"help": "Folder (or Hub id) of the saved SLIMPForLesionClassification."})
@@ -240,7 +264,9 @@ def main(args: ExportWidgetArguments | list[str] | None = None) -> float:
         (args,) = HfArgumentParser(ExportWidgetArguments).parse_args_into_dataclasses(args=args)
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model_dir)
-    export_widget(model, args.output_dir, image_processor=image_processor, base_model=args.base_model or args.model_dir)
+    card = card_metadata(args.model_dir)
+    export_widget(model, args.output_dir, image_processor=image_processor, base_model=args.base_model or args.model_dir,
+                  license=card.get("license", "other"), datasets=card.get("datasets"))
 
     reloaded = AutoModelForImageClassification.from_pretrained(args.output_dir)
     difference = max_logit_difference(model, reloaded)

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -363,56 +362,24 @@ def save_outputs(model: nn.Module, processor: SLIMPProcessor, model_args: ModelA
     adapter = model_args.mode == "lora" and not model_args.merge
     if model_args.mode == "lora" and model_args.merge:
         model = model.merge_and_unload()
-    save_release(model, processor, args.output_dir, schema, data_args.dataset_dir, results, task="classification",
-                 hub_model_id=args.hub_model_id, base_model=model_args.base_model_id)
+    save_release(model, processor, args.output_dir, schema, data_args.dataset_dir, results,
+                 task="adapter" if adapter else "classification", hub_model_id=args.hub_model_id,
+                 base_model=model_args.base_model_id)
     if adapter:
-        save_adapter_extras(model, args.output_dir, model_args.base_model_id, args.hub_model_id)
+        save_adapter_code(model, args.output_dir)
     if args.push_to_hub:
         push_release(args.output_dir, args.hub_model_id)
     return model
 
 
-LORA_CARD_SECTION = """## Loading this LoRA adapter
-
-This folder holds a LoRA adapter (`adapter_model.safetensors`, with the trained `classifier` head), the
-classifier's `config.json` and code, not full weights. Load it onto the pre-trained SLIMP checkpoint it was
-trained from ({base_note}):
-
-```python
-from peft import PeftModel
-from transformers import AutoConfig, AutoModelForImageClassification
-
-adapter_id = "{adapter}"
-base_id = "{base}"
-config = AutoConfig.from_pretrained(adapter_id, trust_remote_code=True)   # labels, features, class weights
-base = AutoModelForImageClassification.from_pretrained(base_id, config=config, trust_remote_code=True)
-model = PeftModel.from_pretrained(base, adapter_id).eval()
-merged = model.merge_and_unload()   # a plain SLIMPForLesionClassification, e.g. for `pipeline`
-print(type(merged).__name__)
-```
-
-"""
-
-
-def save_adapter_extras(model, output_dir: str, base_model_id: str | None, hub_model_id: str | None) -> None:
-    """An adapter folder also gets the classifier's code files (its config's auto_map names them) and a card
-    that marks it as a peft adapter of the base checkpoint and shows how to load it."""
+def save_adapter_code(model, output_dir: str) -> None:
+    """An adapter folder also gets the classifier's code files and config (its auto_map names them), so that
+    `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without this package."""
     from transformers.dynamic_module_utils import custom_object_save
 
     base = model.get_base_model()
     custom_object_save(base, output_dir, config=base.config)
     base.config.save_pretrained(output_dir)
-    card = Path(output_dir) / "README.md"
-    _, header, body = card.read_text().split("---", 2)
-    meta = {**yaml.safe_load(header), "library_name": "peft"}
-    if base_model_id:
-        meta["base_model"] = base_model_id
-    section = LORA_CARD_SECTION.format(
-        adapter=hub_model_id or "path/to/this/folder", base=base_model_id or "path/to/the/pre-trained/checkpoint",
-        base_note=f"`{base_model_id}`" if base_model_id else "give its folder or Hub id")
-    anchor = "## How to use"
-    body = body.replace(anchor, section + anchor, 1) if anchor in body else body + section
-    card.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---" + body)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -83,8 +83,27 @@ def _dataset_summary(dataset_dir: str) -> dict:
             for name, split in summary.get("splits", {}).items()}
 
 
-def how_to_use(task: str, model_id: str) -> str:
-    """The card's "How to use" block (Python); a test runs it with `model_id` pointing at the folder."""
+def how_to_use(task: str, model_id: str, base_model: str | None = None) -> str:
+    """The card's "How to use" block (Python) for a `pretraining` (encoder), `classification` or `adapter`
+    (peft LoRA) folder; a test runs each with `model_id` (and `base_model`) pointing at local folders."""
+    if task == "adapter":
+        base = base_model or "path/to/the/pre-trained/checkpoint"
+        return f'''This folder holds a LoRA adapter (`adapter_model.safetensors`, with the trained `classifier` head), the
+classifier's `config.json` and code, not full weights. Load it onto the pre-trained SLIMP checkpoint it
+was trained from ({f"`{base_model}`" if base_model else "give its folder or Hub id"}):
+
+```python
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForImageClassification
+
+adapter_id = "{model_id}"
+base_id = "{base}"
+config = AutoConfig.from_pretrained(adapter_id, trust_remote_code=True)   # labels, features, class weights
+base = AutoModelForImageClassification.from_pretrained(base_id, config=config, trust_remote_code=True)
+model = PeftModel.from_pretrained(base, adapter_id).eval()
+merged = model.merge_and_unload()   # a plain SLIMPForLesionClassification, e.g. for `pipeline`
+print(type(merged).__name__)
+```'''
     if task == "classification":
         return f'''```python
 from PIL import Image
@@ -122,17 +141,20 @@ print(out.image_embeds.shape, out.phenotype_embeds.shape)     # (N, D) lesions, 
 
 def render_model_card(config, schema: dict, dataset_dir: str, results: dict, task: str = "pretraining",
                       model_id: str | None = None, base_model: str | None = None) -> str:
-    """MODEL_CARD.md with its YAML completed and its {{...}} filled.
+    """MODEL_CARD.md with its YAML completed and its {{...}} filled; `task` is pretraining, classification or adapter.
 
     The YAML says what the folder is: `pipeline_tag: image-feature-extraction` for an encoder,
-    `image-classification` for a classifier; the licence of the data actually used; `datasets` and
-    `base_model` only when they are Hub ids; `model-index` with the measured results.
+    `image-classification` for a classifier (`library_name: peft` for an adapter); the licence of the data
+    actually used; `datasets` and `base_model` only when they are Hub ids; `model-index` with the measured
+    results.
     """
     text = MODEL_CARD_TEMPLATE.read_text()
     _, header, body = text.split("---", 2)
     meta = yaml.safe_load(header)
     source = schema.get("source", "unknown")
-    meta["pipeline_tag"] = "image-classification" if task == "classification" else "image-feature-extraction"
+    meta["pipeline_tag"] = "image-feature-extraction" if task == "pretraining" else "image-classification"
+    if task == "adapter":
+        meta["library_name"] = "peft"
     meta["license"] = str(schema.get("license") or meta.get("license", "other")).lower()
     hub_dataset = schema.get("hub_dataset_id")
     if is_hub_id(hub_dataset):
@@ -145,9 +167,11 @@ def render_model_card(config, schema: dict, dataset_dir: str, results: dict, tas
     meta["model-index"] = _model_index(model_id or "slimp", source, results, task)
     splits = _dataset_summary(dataset_dir)
     fills = {
-        "MODEL_KIND": "SLIMPForLesionClassification (fine-tuned classifier)" if task == "classification" else "SLIMPModel (pre-trained encoder)",
+        "MODEL_KIND": {"classification": "SLIMPForLesionClassification (fine-tuned classifier)",
+                       "adapter": "LoRA adapter of a SLIMPForLesionClassification",
+                       "pretraining": "SLIMPModel (pre-trained encoder)"}[task],
         "ARCHITECTURE": _architecture(config),
-        "HOW_TO_USE": how_to_use(task, model_id or "path/to/this/folder"),
+        "HOW_TO_USE": how_to_use(task, model_id or "path/to/this/folder", base_model if is_hub_id(base_model) else None),
         "TRAINING_DATA": f"Source: `{source}` (licence {meta['license']}); splits (patients / lesions): "
         + ", ".join(f"{k}: {v.get('patients', '?')} / {v.get('lesions', '?')}" for k, v in splits.items())
         + ". Splits are patient-disjoint."
@@ -176,7 +200,7 @@ def _model_index(name: str, source: str, results: dict, task: str) -> list[dict]
     for split, values in (results.get("classification") or {}).items():
         metrics += [{"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"{split} AUROC"},
                     {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"{split} pAUC>80%TPR"}]
-    task_type = "image-classification" if task == "classification" else "image-feature-extraction"
+    task_type = "image-feature-extraction" if task == "pretraining" else "image-classification"
     return [{"name": name, "results": [{"task": {"type": task_type, "name": "malignancy classification"},
                                          "dataset": {"type": source, "name": source, "split": "test"},
                                          "metrics": metrics or [{"type": "roc_auc", "value": None, "name": "not measured"}]}]}]

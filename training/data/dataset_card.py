@@ -83,9 +83,15 @@ Domain column: {schema['domain_column'] or '(none)'}. Other columns, never model
 ## Usage
 
 ```python
-from training.data.dataset import load_slimp_dataset
-train, schema = load_slimp_dataset("path/or/repo_id", split="train")
+import datasets
+
+splits = datasets.load_from_disk("path/to/this/folder")   # pushed to the Hub: datasets.load_dataset("org/name")
+train = splits["train"]
+print(train.features["label"].names, len(train))
 ```
+
+With the SLIMP repository, `training.data.dataset.load_slimp_dataset(path_or_repo_id, "train")` also reads
+`schema.json` (which columns are lesion-level or patient-level inputs).
 """
 
 
