@@ -54,9 +54,9 @@ class DataBenchArguments:
     image_size: int = field(default=128, metadata={"help": "Synthetic image side in pixels (ISIC 2024 crops are ~130 px)."})
     data_dir: str | None = field(default=None, metadata={"help": "Work folder; default a temporary one, deleted at the end."})
     keep: bool = field(default=False, metadata={"help": "Keep the synthetic layout in the work folder (a rerun with --data_dir and the same --images/--seed/--image_size reuses it)."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the synthetic data and the model."})
     model_size: str = field(default="tiny", metadata={"help": "Preset of the model whose training throughput the loader is compared with."})
-    vision_model_type: str = "vit"
+    vision_model_type: str = field(default="vit", metadata={"help": "vit | dinov2 | resnet | convnext"})
     patients_per_batch: int = field(default=16, metadata={"help": "pretrain.py's default."})
     max_lesions_per_patient: int = field(default=8, metadata={"help": "pretrain.py's default."})
     batches: int = field(default=6, metadata={"help": "Timed batches per contender per round."})

@@ -79,11 +79,11 @@ class SpeedArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default). 1 is steadier on a shared CPU."})
     sections: list[str] = field(default_factory=lambda: ["train", "inference", "memory", "scaling"], metadata={"help": f"Any of {SECTIONS}."})
     profile: bool = field(default=False, metadata={"help": "Also profile the SLIMP training step (same as adding 'profile' to --sections)."})
-    scaling_lesions: list[int] = field(default_factory=lambda: [64, 256, 1024, 4096])
+    scaling_lesions: list[int] = field(default_factory=lambda: [64, 256, 1024, 4096], metadata={"help": "Lesions per batch for the scaling table (8 lesions per patient)."})
     scaling_patients: list[int] = field(default_factory=lambda: [8, 64, 256, 1024], metadata={"help": "Patients per batch at a fixed 1024 lesions."})
     scaling_projection_dim: int = field(default=256, metadata={"help": "D of the scaling section (release: 256)."})
-    scaling_repeats: int = 5
-    seed: int = 0
+    scaling_repeats: int = field(default=5, metadata={"help": "Timed repeats per scaling point (median reported)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random weights and inputs."})
     quick: bool = field(default=False, metadata={"help": "A seconds-long run of every section (smoke test)."})
     output: str | None = field(default=None, metadata={"help": "Write the JSON here instead of stdout."})
     memory_worker: str | None = field(default=None, metadata={"help": "Internal: measure one contender's peak memory and print JSON."})

@@ -295,10 +295,7 @@ class SLIMPProcessor(ProcessorMixin):
         columns = _columns(metadata)
         num_rows = _num_rows(columns)
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
-        absent = [f for f in lesion.feature_names + patient.feature_names if f not in columns and f not in self._warned_absent]
-        if absent:
-            self._warned_absent.update(absent)
-            logger.warning("metadata has no column(s) %s: treated as missing.", ", ".join(absent))
+        self.check_columns(columns)
         patient_index, num_patients = self._patient_index(columns, num_rows)
         lesion_numerical, lesion_categorical = self._encode(lesion, columns, num_rows)
         patient_numerical, patient_categorical = self._encode(patient, columns, num_rows, patient_index, num_patients)
@@ -310,11 +307,27 @@ class SLIMPProcessor(ProcessorMixin):
             "patient_index": patient_index,
         }
 
-    def _patient_index(self, columns: dict[str, Any], num_rows: int) -> tuple[torch.Tensor, int]:
-        if PATIENT_COLUMN not in columns:
+    def check_columns(self, column_names: Iterable[str]) -> list[str]:
+        """The schema columns absent from `column_names` (a table's columns): each is read as missing, and
+        `patient_id` missing makes every lesion its own patient. Warns once per column for this processor
+        and the copies made of it afterwards, so a training script calls it on the dataset's columns
+        before its DataLoader workers copy the processor (each epoch), instead of every worker warning."""
+        column_names = set(column_names)
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        absent = [f for f in lesion.feature_names + patient.feature_names if f not in column_names]
+        new = [f for f in absent if f not in self._warned_absent]
+        if new:
+            self._warned_absent.update(new)
+            logger.warning("metadata has no column(s) %s: treated as missing.", ", ".join(new))
+        if PATIENT_COLUMN not in column_names:
+            absent.append(PATIENT_COLUMN)
             if PATIENT_COLUMN not in self._warned_absent:
                 self._warned_absent.add(PATIENT_COLUMN)
                 logger.warning("metadata has no column '%s': every lesion is treated as its own patient.", PATIENT_COLUMN)
+        return absent
+
+    def _patient_index(self, columns: dict[str, Any], num_rows: int) -> tuple[torch.Tensor, int]:
+        if PATIENT_COLUMN not in columns:
             return torch.arange(num_rows), num_rows
         keys = list(columns[PATIENT_COLUMN])
         for row, key in enumerate(keys):

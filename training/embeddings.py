@@ -81,6 +81,7 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
     """
     model.eval()
     device = torch.device(device) if device is not None else model.device
+    collator.processor.check_columns(dataset.column_names)  # once, before any worker copies the processor
     patient_ids = np.asarray(dataset["patient_id"], dtype=object)
     codes, patients = factorize(patient_ids.tolist())
     sums = model.new_patient_sums(len(patients), device)
@@ -132,6 +133,7 @@ def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPC
     With `return_features=True` also the head's input parts (numpy, per lesion) and `patient_codes`."""
     model.eval()
     device = torch.device(device) if device is not None else model.device
+    collator.processor.check_columns(dataset.column_names)
     parts: dict[str, list] = {}
     labels, order, codes = [], [], []
     for rows, batch, global_index in _batches(dataset, collator, batch_size, num_workers, device):

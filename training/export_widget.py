@@ -40,7 +40,6 @@ from transformers import (
     ConvNextForImageClassification,
     Dinov2Config,
     Dinov2ForImageClassification,
-    HfArgumentParser,
     PreTrainedModel,
     ResNetConfig,
     ResNetForImageClassification,
@@ -50,6 +49,7 @@ from transformers import (
 
 from modeling_slimp import SLIMPForLesionClassification, SLIMPProcessor
 from modeling_slimp.modeling_slimp import vision_feature_size
+from training.arguments import ArgumentError, parse_dataclasses, run_cli
 from training.release import is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -254,14 +254,20 @@ class ExportWidgetArguments:
     output_dir: str = field(metadata={"help": "Where to write the built-in image-only classifier."})
     atol: float = field(default=1e-4, metadata={"help": "Largest allowed logit difference in the check."})
     base_model: str | None = field(
-        default=None, metadata={"help": "Base model named in the card (default: model_dir); use the Hub id before pushing."}
+        default=None, metadata={"help": "Hub id of the SLIMP classifier, named in the card as base_model (a local path is left out)."}
     )
+
+    def __post_init__(self):
+        if not Path(self.model_dir).is_dir() and not is_hub_id(self.model_dir):
+            raise ArgumentError(f"--model_dir {self.model_dir} is neither a folder nor a Hub id (org/name)")
+        if not self.atol > 0:
+            raise ArgumentError(f"--atol must be > 0, got {self.atol}")
 
 
 def main(args: ExportWidgetArguments | list[str] | None = None) -> float:
     """Export, reload without SLIMP code, verify; returns the max logit difference. Exits with status 1 beyond atol."""
     if not isinstance(args, ExportWidgetArguments):
-        (args,) = HfArgumentParser(ExportWidgetArguments).parse_args_into_dataclasses(args=args)
+        (args,) = parse_dataclasses((ExportWidgetArguments,), args)
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model_dir)
     card = card_metadata(args.model_dir)
@@ -282,4 +288,4 @@ def main(args: ExportWidgetArguments | list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_cli(main)

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # `python training/extrapolate.py` runs this file
 
 from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor  # noqa: E402
 from modeling_slimp.schema_slimp import as_category, parse_number  # noqa: E402
-from training.arguments import parse_dataclasses, run_cli  # noqa: E402
+from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
 from training.data.collate import SLIMPCollator  # noqa: E402
 from training.data.dataset import load_slimp_dataset  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
@@ -69,29 +69,29 @@ class ExtrapolateArguments:
     target_dir: str = field(metadata={"help": "The image-only (or to-be-evaluated) dataset."})
     output_dir: str = field(metadata={"help": "Where extrapolation.json and extrapolation.md go."})
     reference_dir: str | None = field(default=None, metadata={"help": "The dataset with metadata (bank source, probe training data)."})
-    reference_split: str = "train"
+    reference_split: str = field(default="train", metadata={"help": "Split of --reference_dir that forms the bank."})
     bank: str | None = field(default=None, metadata={"help": "A bank saved with --save_bank, used instead of building one."})
-    target_split: str = "test"
+    target_split: str = field(default="test", metadata={"help": "Split of --target_dir to impute (its own metadata is hidden, then used as truth)."})
     k: int = field(default=5, metadata={"help": "Neighbours per target lesion."})
     weighting: str = field(default="uniform", metadata={"help": f"One of {WEIGHTINGS}."})
     probe_split: str = field(default="train", metadata={"help": "Reference split the downstream probes train on."})
-    seed: int = 0
-    probe_C: float = 1.0
-    batch_size: int = 256
-    num_workers: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the downstream probes."})
+    probe_C: float = field(default=1.0, metadata={"help": "Inverse L2 strength of the downstream logistic-regression probes."})
+    batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients)."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers of the feature extraction."})
     save_bank: str | None = field(default=None, metadata={"help": "Also write the bank to this folder (patient-derived data)."})
     allow_bank_in_model_dir: bool = field(default=False, metadata={"help": "Allow --save_bank inside a model folder."})
-    device: str | None = None
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda | ...; default: cuda if available."})
 
 
 def parse_args(argv: list[str] | None = None) -> ExtrapolateArguments:
     (args,) = parse_dataclasses((ExtrapolateArguments,), argv)
     if args.weighting not in WEIGHTINGS:
-        raise ValueError(f"--weighting must be one of {WEIGHTINGS}, got '{args.weighting}'")
+        raise ArgumentError(f"--weighting must be one of {WEIGHTINGS}, got '{args.weighting}'")
     if args.k < 1:
-        raise ValueError(f"--k must be at least 1, got {args.k}")
+        raise ArgumentError(f"--k must be at least 1, got {args.k}")
     if args.reference_dir is None and args.bank is None:
-        raise ValueError("give --reference_dir (to build the bank) or --bank (a saved one)")
+        raise ArgumentError("give --reference_dir (to build the bank) or --bank (a saved one)")
     return args
 
 

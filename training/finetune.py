@@ -153,6 +153,8 @@ def trainer_arguments(args: FinetuneTrainingArguments, mode: str) -> TrainingArg
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     values.update(output_dir=args.checkpoint_dir, learning_rate=args.learning_rate or DEFAULT_LEARNING_RATES[mode],
                   push_to_hub=False)
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        values["dataloader_pin_memory"] = False  # nothing to pin to: torch would warn at every loader
     return TrainingArguments(**values)
 
 
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_schema(model, schema)
     processor = SLIMPProcessor.from_pretrained(model_args.model_dir)
     processor.config = model.config  # one schema object for processor and model; config.json = the classifier's
+    processor.check_columns(train_split.column_names)  # once here, not in every data-loader worker
     eval_collator = SLIMPCollator(processor, train=False)
     model = prepare_for_mode(model, model_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

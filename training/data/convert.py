@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     common.add_argument("--restart", action="store_true", help="do not resume from an interrupted run")
     common.add_argument("--work-dir", help="resumable work folder (default: OUTPUT_DIR.partial)")
-    common.add_argument("--image-check", choices=("decode", "open", "none"), default="decode")
+    common.add_argument("--image-check", choices=("decode", "open", "none"), default="decode",
+                        help="decode every image (catches truncated files), only open its header, or trust it")
     common.add_argument("--max-shard-size", default="500MB", help="Arrow shard size of the saved splits")
     common.add_argument("--push-to-hub", metavar="REPO_ID", help="also push to this Hub dataset repo")
     common.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
@@ -710,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
             source.add_argument("--label", default="benign_malignant",
                                 help="label column: benign_malignant (binary) or e.g. diagnosis_1 (multi-class)")
     synthetic = sub.add_parser("synthetic", parents=[common], help=SOURCES["synthetic"].description)
-    synthetic.add_argument("--patients", type=int, required=True)
-    synthetic.add_argument("--image-size", type=int, default=128)
+    synthetic.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
+    synthetic.add_argument("--image-size", type=int, default=128, help="side of the square crops, pixels")
     return parser
 
 

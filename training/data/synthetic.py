@@ -723,20 +723,29 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m training.data.synthetic {kaggle,report}` command line."""
     parser = argparse.ArgumentParser(prog="python -m training.data.synthetic", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    helps = {"kaggle": "write a synthetic dataset in the ISIC 2024 Kaggle layout (CSV + HDF5 of JPEG bytes)",
+             "report": "print the signal table: how much each input tells about the label and the patient"}
     for name in ("kaggle", "report"):
-        command = commands.add_parser(name)
-        command.add_argument("--patients", type=int, default=400)
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--image-size", type=int, default=128)
-        command.add_argument("--malignant-rate", type=float, default=0.025)
+        command = commands.add_parser(name, help=helps[name], description=helps[name])
+        command.add_argument("--patients", type=int, default=400, help="number of patients to generate")
+        command.add_argument("--seed", type=int, default=0, help="generator seed (same seed: same bytes)")
+        command.add_argument("--image-size", type=int, default=128, help="side of the square JPEG crops, pixels")
+        command.add_argument("--malignant-rate", type=float, default=0.025,
+                             help="expected share of malignant lesions (ISIC 2024 has about 0.1%%)")
         if name == "kaggle":
-            command.add_argument("--output-dir", required=True)
+            command.add_argument("--output-dir", required=True,
+                                 help="folder for train-metadata.csv and train-image.hdf5")
         else:
             command.add_argument("--output", help="also write the Markdown table and JSON to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "kaggle":
         start = time.perf_counter()
         counts = write_kaggle_layout(args.output_dir, args.patients, seed=args.seed, image_size=args.image_size,
