@@ -12,42 +12,78 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-VARIANTS = ["random", "simclr", "clip_flat", "slimp_mean", "slimp_attention"]
+VARIANTS = ["random", "simclr", "clip_flat", "slimp_mean", "slimp_attention", "slimp_ssl"]
+BASELINES, SLIMP = VARIANTS[:3], VARIANTS[3:]
 
 
-def test_quality_quick_writes_every_variant_and_the_tables(tmp_path):
+def run_quality(tmp_path, *extra: str) -> tuple[dict, str, Path, Path]:
     output, work = tmp_path / "quality", tmp_path / "work"
     process = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--quick", "--output_dir", str(output),
-                              "--work_dir", str(work)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+                              "--work_dir", str(work), *extra], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=900)
     assert process.returncode == 0, f"quality.py failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}"
     assert str(output / "quality.json") in process.stdout  # the JSON path, then the table, are printed
+    return json.loads((output / "quality.json").read_text()), (output / "quality.md").read_text(), output, work
 
-    result = json.loads((output / "quality.json").read_text())
+
+def test_quality_quick_writes_every_variant_anchor_and_target(tmp_path):
+    result, table, output, work = run_quality(tmp_path)
     assert result["command"].startswith("python bench/quality.py --quick")
     assert {"date", "torch", "cpu_count", "load_average_1m"} <= set(result["environment"])
     assert list(result["variants"]) == VARIANTS
-    assert len(result["runs"]) == len(VARIANTS)  # one seed in --quick
-    for variant, summary in result["variants"].items():
-        metrics = summary["metrics"]
-        for key in ("probe/image/auroc", "probe/image+metadata/auroc", "probe/image/pauc_80tpr",
-                    "probe/image+metadata/pauc_80tpr", "kshot/image/1/auroc", "retrieval/image_to_metadata_recall@10"):
-            assert metrics[key]["n"] == 1 and 0.0 <= metrics[key]["mean"] <= 1.0, (variant, key)
-        assert summary["wall_s"]["total"] > 0
+    assert len(result["runs"]) == len(VARIANTS)  # one seed, one evaluated step each in --quick
 
     runs = {run["variant"]: run for run in result["runs"]}
-    assert runs["random"]["pretrain_argv"] is None and runs["random"]["pretrain"] == {}
+    assert runs["random"]["pretrain_argv"] is None and runs["random"]["pretrain"] == {} and runs["random"]["step"] == 0
     assert "--image_ssl_weight" in runs["simclr"]["pretrain_argv"]
+    assert {"--image_ssl_weight", "--lesion_loss_weight"} <= set(runs["slimp_ssl"]["pretrain_argv"])
     for variant in VARIANTS[1:]:
-        assert runs[variant]["pretrain"]["global_step"] == 2
-        assert runs[variant]["pretrain_argv"][runs[variant]["pretrain_argv"].index("--max_steps") + 1] == "2"
+        assert runs[variant]["pretrain"]["global_step"] == 2 and runs[variant]["step"] == 2
+        assert runs[variant]["pretrain"]["chance_patient_loss"] > 0
+    # Both representations, every feature set, k-shot, the patient metric and the recipe + features, per variant.
+    for variant, steps in result["variants"].items():
+        metrics = steps[str(runs[variant]["step"])]["metrics"]
+        for representation in ("tower", "projection"):
+            for feature_set in ("image", "image+context", "image+metadata", "image+metadata+context"):
+                for name in ("auroc@test", "pauc_80tpr@test", "top15_sensitivity@test", "auroc@validation"):
+                    summary = metrics[f"{representation}/probe/{feature_set}/{name}"]
+                    assert summary["n"] == 1 and 0.0 <= summary["mean"] <= 1.0, (variant, representation, feature_set, name)
+            assert 0.0 <= metrics[f"{representation}/kshot/image+metadata+context/1/auroc"]["mean"] <= 1.0
+            assert 0.0 <= metrics[f"{representation}/recipe+features/auroc"]["mean"] <= 1.0
+        assert 0.0 <= metrics["retrieval/image_to_metadata_recall@10"]["mean"] <= 1.0
+    # The reference rows without pre-training: both tabular models, absolute and patient-relative.
+    assert set(result["anchors"]) == {f"{m} / {v} metadata" for m in ("logistic", "lightgbm")
+                                      for v in ("absolute", "relative")}
+    assert result["representation"]["chosen"] in ("tower", "projection")
+    assert result["best_configuration"] in SLIMP
+    assert set(result["paired_differences"]) == {f"{s} - {b}" for s in SLIMP for b in BASELINES}
+    checks = [target["check"] for target in result["targets"]]
+    assert any("LightGBM patient-relative anchor" in c for c in checks) and any("patient loss" in c for c in checks)
+    assert any("image-only probe beats random" in c for c in checks)
+    assert all(isinstance(target["met"], bool) for target in result["targets"])
     # The tiny dataset has fewer malignant training lesions than the larger k: skipped and said so.
     assert any(note["k"] == 50 for note in runs["random"]["kshot_skipped"])
-    assert set(result["paired_differences"]) == {f"{s} - {b}" for s in VARIANTS[3:] for b in VARIANTS[:3]}
 
-    table = (output / "quality.md").read_text()
     for variant in VARIANTS:
         assert f"| `{variant}` |" in table
-    assert "probe AUROC (image+meta)" in table and "Where SLIMP does not beat a baseline" in table
+    for heading in ("Reference rows without pre-training", "tower outputs vs projected embeddings", "## Targets",
+                    "Paired differences", "lightgbm / relative metadata"):
+        assert heading in table, heading
     assert (output / "kshot.png").stat().st_size > 0
-    assert (work / "runs" / "slimp_mean-seed0" / "model" / "model.safetensors").is_file()
+    assert (work / "runs" / "default" / "slimp_mean-seed0" / "model" / "model.safetensors").is_file()
     assert not list(output.glob("**/*.safetensors")), "checkpoints stay in the work folder, out of the results"
+
+
+def test_quality_budget_curve_evaluates_each_saved_step(tmp_path):
+    result, table, output, _ = run_quality(tmp_path, "--variants", "random", "slimp_mean", "--curve_steps", "0", "1", "2",
+                                           "--anchors", "false", "--label", "curve")
+    steps = [run["step"] for run in result["runs"] if run["variant"] == "slimp_mean"]
+    assert steps == [0, 1, 2]
+    metrics = {run["step"]: run["metrics"] for run in result["runs"] if run["variant"] == "slimp_mean"}
+    # step 0 is the untrained model of the same seed: the random variant's numbers exactly
+    random = next(run["metrics"] for run in result["runs"] if run["variant"] == "random")
+    key = "tower/probe/image+metadata+context/auroc@test"
+    assert metrics[0][key] == random[key]
+    assert metrics[2][key] != metrics[0][key]  # two optimizer steps change the features
+    assert result["paired_differences"] == {} and result["anchors"] == {}
+    assert (output / "curve.png").stat().st_size > 0 and "Probe AUROC against pre-training steps" in table

@@ -10,7 +10,7 @@ Protocol (SPEC section 5). The frozen SLIMPModel embeds every lesion of each spl
 first is the probe's training split, each other one is evaluated) in one pass over whole patients
 (`training/embeddings.py`). Feature sets (`--feature_sets`, `training/probe.py`): `image`,
 `image+context` (plus how the lesion differs from the same patient's other lesions), `image+metadata`
-(image + lesion metadata + patient metadata + phenotype) and `image+metadata+context`, read from the tower
+(image + lesion metadata + patient metadata) and `image+metadata+context`, read from the tower
 outputs before the projections or from the projected embeddings (`--representation`). A logistic
 regression probe is fitted on the whole training split, and k-shot probes on k lesions of each class
 (binary: k positives and k negatives) drawn from it, per seed; both feature sets see the same draw.

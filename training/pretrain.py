@@ -102,8 +102,11 @@ class ModelArguments:
     patient_aggregation: str | None = field(default=None, metadata={"help": f"One of {PATIENT_AGGREGATIONS}: how a patient's lesions are pooled (default: mean, or the --init_from checkpoint's)."})
     image_ssl_weight: float = field(default=0.0, metadata={"help": "Weight w of the SimCLR term: (1 − w)·L_nested + w·L_SimCLR (1 = SimCLR baseline)."})
     feature_dropout: float = field(default=0.1, metadata={"help": "Probability of hiding a present metadata value in training."})
+    temperature: float | None = field(default=None, metadata={"help": "Initial temperature τ of both contrastive levels (learned from there; logit scale 1/τ). Default: the config's 0.07, as CLIP."})
 
     def __post_init__(self):
+        if self.temperature is not None and not 0.01 <= self.temperature <= 1.0:
+            raise ArgumentError(f"--temperature must be in [0.01, 1] (logit scale at most 100, the clamp), got {self.temperature}")
         if self.model_size not in MODEL_SIZES:
             raise ArgumentError(f"--model_size must be one of {MODEL_SIZES}, got '{self.model_size}'")
         if self.vision_model_type not in VISION_MODEL_TYPES:
@@ -176,6 +179,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArgum
     return data_args, model_args, args
 
 
+def hyperparameters(*arguments) -> dict[str, int | float | str | bool]:
+    """The options as tracker hyper-parameters: TensorBoard takes scalars and strings only (a list is
+    written comma-separated, None as "none")."""
+    config = {}
+    for group in arguments:
+        for key, value in asdict(group).items():
+            if value is None:
+                value = "none"
+            elif isinstance(value, (list, tuple)):
+                value = ",".join(map(str, value))
+            config[key] = value
+    return config
+
+
 def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
     """Build the synthetic dataset into the default folder when it is missing (main process first)."""
     if Path(data_args.dataset_dir).exists():
@@ -216,6 +233,10 @@ def model_schema(schema: dict, exclude_features: list[str]) -> dict:
 
 def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPModel:
     overrides = dict(lesion_loss_weight=model_args.lesion_loss_weight, image_ssl_weight=model_args.image_ssl_weight)
+    if model_args.temperature is not None and model_args.init_from:
+        raise ArgumentError("--temperature sets the initial logit scales of a new model; --init_from keeps the checkpoint's")
+    if model_args.temperature is not None:
+        overrides["logit_scale_init_value"] = math.log(1.0 / model_args.temperature)
     if model_args.init_from:
         model = SLIMPModel.from_pretrained(model_args.init_from)
         saved = model.config.patient_aggregation
@@ -285,6 +306,8 @@ def build_loader(train_split, collator, data_args: DataArguments, args: TrainArg
     map-style split, or patient-grouped batches of its stream."""
     common = dict(patients_per_batch=data_args.patients_per_batch, max_lesions_per_patient=data_args.max_lesions_per_patient,
                   seed=args.seed)
+    # Warn about absent schema columns here, once, not in every worker copy of the processor each epoch.
+    collator.processor.check_columns(train_split.column_names or list(train_split.features or {}))
     if data_args.streaming:
         batches = StreamingPatientBatches(train_split, collator, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes, **common)
@@ -344,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 2), max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("slimp-pretrain", config={**asdict(data_args), **asdict(model_args), **asdict(args)})
+        accelerator.init_trackers("slimp-pretrain", config=hyperparameters(data_args, model_args, args))
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
     resume = find_checkpoint(args.checkpoint_dir, args.resume_from_checkpoint)

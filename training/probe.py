@@ -10,8 +10,12 @@ projections; `projection`: the L2-normalised embeddings the losses compare):
 - `image`: the image feature;
 - `image+context`: plus the patient context of the image feature (the lesion minus the mean of the same
   patient's other lesions, `PatientSums.context`), the dermatologist's "ugly duckling" comparison;
-- `image+metadata`: the image, lesion-metadata and patient-metadata features and the phenotype;
+- `image+metadata`: the image, lesion-metadata and patient-metadata features;
 - `image+metadata+context`: plus the context of the image + lesion-metadata representation.
+
+These are the inputs `SLIMPForLesionClassification` can read (`classifier_features` image, lesion, patient,
+context), so `finetune.py --mode linear` fits this probe on the same features. The pooled phenotype is
+not an input: the context already holds the patient's other lesions.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def probe_inputs(features: dict[str, np.ndarray], feature_set: str, representati
     lesion_level = ["image"] + (["lesion_metadata"] if feature_set.startswith("image+metadata") else [])
     parts = [features[_key(name, representation)] for name in lesion_level]
     if feature_set.startswith("image+metadata"):
-        parts += [features[_key("patient_metadata", representation)], features["phenotype"]]
+        parts.append(features[_key("patient_metadata", representation)])
     if feature_set.endswith("+context"):
         representation_rows = torch.from_numpy(np.concatenate([features[_key(n, representation)] for n in lesion_level], axis=1))
         codes = torch.from_numpy(np.asarray(features["patient_codes"], dtype=np.int64))
