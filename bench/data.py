@@ -30,6 +30,7 @@ shared: read the ratios, not the absolute numbers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -49,9 +50,16 @@ ISIC2024_ROWS = 401059  # images of the real ISIC 2024 training set (SPEC sectio
 
 @dataclass
 class DataBenchArguments:
-    images: int = field(default=20000, metadata={"help": "Synthetic images to generate (the largest converter size)."})
-    sizes: list[int] = field(default_factory=lambda: [5000, 20000], metadata={"help": "Converter runs: the first N rows of the layout."})
-    image_size: int = field(default=128, metadata={"help": "Synthetic image side in pixels (ISIC 2024 crops are ~130 px)."})
+    images: int = field(default=20000, metadata={"help": "Synthetic images to generate; converter sizes above it tile the layout with new ids."})
+    sizes: list[int] = field(default_factory=lambda: [5000, 20000, 100000], metadata={"help": "Converter runs: layouts of N rows (the first N, or the layout tiled)."})
+    image_size: int = field(default=130, metadata={"help": "Synthetic image side in pixels (ISIC 2024 crops are ~130 px)."})
+    worker_resolutions: list[int] = field(default_factory=lambda: [130, 224], metadata={"help": "Model input sizes of the per-worker loader comparison (130: the crops' own size; 224: the release ViT-S/16)."})
+    encode_rows: list[int] = field(default_factory=lambda: [128, 4096], metadata={"help": "Rows per call of the metadata-encoding comparison (128: one training batch)."})
+    release_batch: int = field(default=16, metadata={"help": "Lesions per step of the release-architecture training step on this machine."})
+    release_steps: int = field(default=3, metadata={"help": "Timed steps of the release-architecture training step."})
+    gpu_peak_tflops: float = field(default=790.0, metadata={"help": "Dense bf16 peak of the projected GPU, TFLOP/s (H200: about 790 usable of 989 nominal)."})
+    gpu_utilization: float = field(default=0.4, metadata={"help": "Share of the peak a ViT-S training step reaches (model FLOP utilisation) in the projection."})
+    gpu_cpu_cores: int = field(default=16, metadata={"help": "CPU cores beside the projected GPU (loader workers available): the H200 machine lent to this project has 16."})
     data_dir: str | None = field(default=None, metadata={"help": "Work folder; default a temporary one, deleted at the end."})
     keep: bool = field(default=False, metadata={"help": "Keep the synthetic layout in the work folder (a rerun with --data_dir and the same --images/--seed/--image_size reuses it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic data and the model."})
@@ -67,10 +75,11 @@ class DataBenchArguments:
 
     def __post_init__(self):
         if self.quick:
-            self.images, self.sizes = 500, [250, 500]
+            self.images, self.sizes = 400, [250, 400, 1000]
             self.batches, self.rounds, self.patients_per_batch = 2, 1, 8
-        if max(self.sizes) > self.images:
-            raise ValueError(f"--sizes {self.sizes} exceed --images {self.images}")
+            self.worker_resolutions, self.encode_rows, self.release_batch, self.release_steps = [32, 64], [32, 256], 2, 1
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"--sizes needs at least two positive sizes, got {self.sizes}")
 
 
 # ----- 1. synthetic layout -----
@@ -107,17 +116,31 @@ def synthetic_layout(args: DataBenchArguments, work: Path) -> dict:
 
 
 def subset_layout(layout: dict, rows: int, folder: Path) -> tuple[Path, Path]:
-    """The first `rows` rows of the layout as a layout of their own (CSV text and JPEG bytes unchanged)."""
+    """A layout of `rows` rows: the first `rows` of the generated one (CSV text and JPEG bytes unchanged), or,
+    for more rows than were generated, the whole layout repeated with new ids (`isic_id`, `patient_id`
+    and `lesion_id` suffixed `_r1`, `_r2`, ...): new patients with the same images, so whole patients stay
+    whole. The converter's work per row does not depend on which JPEG a row holds."""
     import h5py
     import pandas as pd
 
     folder.mkdir(parents=True, exist_ok=True)
-    frame = pd.read_csv(layout["metadata_csv"], dtype=str, keep_default_na=False).iloc[:rows]
+    base = pd.read_csv(layout["metadata_csv"], dtype=str, keep_default_na=False)
+    copies = []
+    for repeat in range(-(-rows // len(base))):
+        copy = base.iloc[: rows - repeat * len(base)].copy()
+        copy["source_id"] = copy["isic_id"]
+        if repeat:
+            for column in ("isic_id", "patient_id", "lesion_id"):
+                if column in copy:
+                    present = copy[column] != ""
+                    copy.loc[present, column] = copy.loc[present, column] + f"_r{repeat}"
+        copies.append(copy)
+    frame = pd.concat(copies, ignore_index=True)
     csv_path, hdf5_path = folder / "train-metadata.csv", folder / "train-image.hdf5"
-    frame.to_csv(csv_path, index=False)
+    frame.drop(columns="source_id").to_csv(csv_path, index=False)
     with h5py.File(layout["image_hdf5"], "r") as source, h5py.File(hdf5_path, "w") as target:
-        for isic_id in frame["isic_id"]:
-            target.create_dataset(isic_id, data=source[isic_id][()])
+        for isic_id, source_id in zip(frame["isic_id"], frame["source_id"]):
+            target.create_dataset(isic_id, data=source[source_id][()])
     return csv_path, hdf5_path
 
 
@@ -206,6 +229,7 @@ def converter_section(args: DataBenchArguments, layout: dict, work: Path) -> dic
               "peak_ratio_largest_over_smallest": large["peak_rss_mib"] / small["peak_rss_mib"],
               "peak_above_import_ratio": large["peak_above_import_mib"] / max(small["peak_above_import_mib"], 1e-9),
               "rows_ratio": large["rows"] / small["rows"]}
+    result["flat_memory_target_met"] = large["peak_rss_mib"] <= 1.10 * small["peak_rss_mib"]  # within 10%
     if large["rows"] > small["rows"]:  # linear extrapolation to the real ISIC 2024 (401,059 rows)
         for key, name in (("peak_rss_mib", "rss"), ("sampled_peak_anon_mib", "anon"), ("sampled_peak_file_mib", "file")):
             if large[key] is not None and small[key] is not None:
@@ -350,6 +374,172 @@ def loader_section(args: DataBenchArguments, dataset_dir: str) -> dict:
     return result
 
 
+# ----- 4. metadata encoding: value by value (before) vs column-wise (now) -----
+def alternate(contenders: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each contender's call, in alternating rounds (the order rotates each round)."""
+    names, times = list(contenders), {name: [] for name in contenders}
+    for name in names:  # warm-up
+        contenders[name]()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def metadata_section(args: DataBenchArguments, dataset_dir: str) -> dict:
+    """Rows/s of the metadata encoding, one thread: before, the old collator's way (a list of row dicts,
+    encoded value by value: `bench/_legacy.py`); now, the loader's way (`ColumnBatches`: the batch's Arrow
+    columns as numpy arrays, conversion included, encoded column-wise), and a list of row dicts given to
+    today's processor. Same rows, same output (checked)."""
+    import torch
+
+    from bench._legacy import encode_metadata_per_value
+    from modeling_slimp import SLIMPProcessor
+    from training.data.dataset import load_slimp_dataset
+    from training.presets import build_slimp_config
+
+    torch.set_num_threads(1)  # a loader worker's
+    train_split, schema = load_slimp_dataset(dataset_dir, "train")
+    processor = SLIMPProcessor(config=build_slimp_config(schema, train_split))
+    table = train_split.remove_columns([c for c in ("image",) if c in train_split.column_names])
+    out = {}
+    for rows in args.encode_rows:
+        batch = table.select(range(min(rows, len(table))))
+        records, arrow = list(batch), batch.with_format("arrow")[:]
+
+        def arrow_columns():
+            return processor.encode_metadata({n: arrow.column(n).to_numpy(zero_copy_only=False) for n in arrow.column_names})
+
+        old, new = encode_metadata_per_value(processor.config, records), arrow_columns()
+        assert all(torch.equal(old[k].nan_to_num(-7), new[k].nan_to_num(-7)) for k in new), "the encoders disagree"
+        repeats = max(1, 20000 // len(records))
+        times = alternate({
+            "before": lambda: [encode_metadata_per_value(processor.config, records) for _ in range(repeats)],
+            "now_arrow_columns": lambda: [arrow_columns() for _ in range(repeats)],
+            "now_row_dicts": lambda: [processor.encode_metadata(records) for _ in range(repeats)],
+        }, args.rounds)
+        rates = {name: len(records) * repeats / statistics.median(t) for name, t in times.items()}
+        out[str(len(records))] = {"rows_per_s": rates, "speedup": rates["now_arrow_columns"] / rates["before"],
+                                  "speedup_row_dicts": rates["now_row_dicts"] / rates["before"]}
+    out["target_met"] = all(v["speedup"] >= 20 for v in out.values() if isinstance(v, dict))
+    return out
+
+
+# ----- 5. one loader worker: PIL augmentation + second resize (before) vs decode + stack (now) -----
+def worker_section(args: DataBenchArguments, dataset_dir: str) -> dict:
+    """Lesions/s one loader worker (one thread) delivers at each model resolution: the old collator
+    (decode, PIL augmentation to the model size, the processor's second resize and float normalisation,
+    per-value metadata) beside today's (decode, one resize to the model size, uint8 stack, augmentation
+    parameters, column-wise metadata), on the same batches. Also the device half today adds on a CPU
+    (`BatchTransform`: the augmentation and normalisation, batched), for CPU-only training."""
+    import torch
+    from transformers import ViTImageProcessorPil
+
+    from bench._legacy import LegacyTrainCollator
+    from modeling_slimp import SLIMPProcessor
+    from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
+    from training.data.dataset import load_slimp_dataset
+    from training.data.sampler import PatientBatchSampler
+    from training.presets import build_slimp_config
+
+    torch.set_num_threads(1)
+    train_split, schema = load_slimp_dataset(dataset_dir, "train")
+    batches = list(iter(PatientBatchSampler(train_split["patient_id"], args.patients_per_batch, args.max_lesions_per_patient,
+                                            seed=args.seed)))[: args.batches]
+    # Each contender gets its batches as its DataLoader would fetch them: the old loader a list of row dicts
+    # (`Dataset.__getitems__`), today's an Arrow table (`ColumnBatches.__getitems__`). The fetch is timed too.
+    table = ColumnBatches(train_split)
+    lesions = sum(len(b) for b in batches)
+    out = {"batches": len(batches), "lesions_per_round": lesions}
+    for resolution in args.worker_resolutions:
+        config = build_slimp_config(schema, train_split, "small" if resolution >= 128 else "tiny", image_size=resolution)
+        processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": resolution, "width": resolution}), config)
+        old, new, transform = LegacyTrainCollator(processor, seed=args.seed), SLIMPCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
+        collated = [new(table.__getitems__(b)) for b in batches]
+        times = alternate({"before": lambda: [old(train_split.__getitems__(b)) for b in batches],
+                           "now": lambda: [new(table.__getitems__(b)) for b in batches],
+                           "now_device_half_on_cpu": lambda: [transform(b) for b in collated]}, args.rounds)
+        rates = {name: lesions / statistics.median(t) for name, t in times.items()}
+        out[str(resolution)] = {"lesions_per_s": rates, "speedup": rates["now"] / rates["before"],
+                                "now_including_device_half_on_cpu": 1 / (1 / rates["now"] + 1 / rates["now_device_half_on_cpu"])}
+    largest = str(max(args.worker_resolutions))
+    out["target_met"] = out[largest]["speedup"] >= 5
+    return out
+
+
+# ----- 6. the release architecture's training step, its FLOPs, and what one GPU would need -----
+def release_section(args: DataBenchArguments, dataset_dir: str, workers: dict) -> dict:
+    """A training step of the release preset (ViT-S/16 at 224 px, forward + backward + AdamW) on this CPU,
+    its FLOPs per lesion (torch's FlopCounterMode: matrix products and attention, 2 FLOPs per multiply-add),
+    and the projection for one GPU: lesions/s = peak x utilisation / FLOPs per lesion, the loader workers
+    that rate needs at each resolution (today's per-worker rate), and SLICE-3D epoch times."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import ViTImageProcessorPil
+
+    from modeling_slimp import SLIMPModel, SLIMPProcessor
+    from training.data.collate import BatchTransform, SLIMPCollator
+    from training.data.dataset import load_slimp_dataset
+    from training.data.sampler import PatientBatchSampler
+    from training.presets import build_slimp_config
+
+    torch.set_num_threads(args.threads if args.threads > 0 else os.cpu_count())
+    train_split, schema = load_slimp_dataset(dataset_dir, "train")
+    resolution = 224 if not args.quick else 32
+    config = build_slimp_config(schema, train_split, "small" if not args.quick else "tiny", image_size=resolution)
+    torch.manual_seed(args.seed)
+    model = SLIMPModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": resolution, "width": resolution}), config)
+    collator, transform = SLIMPCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
+    per_patient = max(1, args.release_batch // 4)
+    indices = next(iter(PatientBatchSampler(train_split["patient_id"], 4, per_patient, seed=args.seed)))
+    batch = transform(collator([train_split[i] for i in indices]))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def step() -> None:
+        model(**inputs, return_loss=True).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs, return_loss=True).loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    n = inputs["pixel_values"].shape[0]
+    flops_per_lesion = counter.get_total_flops() / n
+    step()  # warm-up
+    times = []
+    for _ in range(args.release_steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    cpu_rate = n / statistics.median(times)
+    gpu_rate = args.gpu_peak_tflops * 1e12 * args.gpu_utilization / flops_per_lesion
+    out = {"architecture": f"{config.vision_config.model_type}, hidden {config.vision_config.hidden_size}, "
+                           f"{config.vision_config.num_hidden_layers} layers, {resolution} px",
+           "parameters": sum(p.numel() for p in model.parameters()), "lesions_per_step": n,
+           "cpu_lesions_per_s": cpu_rate, "cpu_threads": torch.get_num_threads(),
+           "flops_per_lesion": flops_per_lesion, "gflops_per_lesion": flops_per_lesion / 1e9,
+           "cpu_achieved_gflops_per_s": cpu_rate * flops_per_lesion / 1e9,
+           "gpu": {"peak_tflops": args.gpu_peak_tflops, "utilization": args.gpu_utilization,
+                   "projected_lesions_per_s": gpu_rate, "cpu_cores": args.gpu_cpu_cores}}
+    for resolution_name, measured in workers.items():
+        if not isinstance(measured, dict) or "lesions_per_s" not in measured:
+            continue
+        per_worker = measured["lesions_per_s"]["now"]
+        needed = math.ceil(gpu_rate / per_worker)
+        fed = min(gpu_rate, per_worker * args.gpu_cpu_cores)
+        out["gpu"][f"workers_needed_at_{resolution_name}px"] = needed
+        out["gpu"][f"workers_needed_before_at_{resolution_name}px"] = math.ceil(gpu_rate / measured["lesions_per_s"]["before"])
+        out["gpu"][f"lesions_per_s_with_{args.gpu_cpu_cores}_workers_at_{resolution_name}px"] = fed
+        out["gpu"][f"slice3d_epoch_minutes_at_{resolution_name}px"] = ISIC2024_ROWS / fed / 60
+    out["cpu_loader_over_step"] = {k: v["lesions_per_s"]["now"] / cpu_rate for k, v in workers.items()
+                                   if isinstance(v, dict) and "lesions_per_s" in v}
+    return out
+
+
 # ----- report -----
 def tables(result: dict) -> str:
     env, arguments = result["environment"], result["arguments"]
@@ -382,6 +572,33 @@ def tables(result: dict) -> str:
                                  for name in ("loader_workers_0", "loader_workers_1", "train_precollated", "train_fed_by_1_worker")]))
     parts.append("\n" + markdown_table(["ratio", "value"], [[k, v] for k, v in lo["ratios"].items()]))
     parts.append(f"\nLoader the bottleneck with 1 worker: {'yes' if lo['loader_is_bottleneck'] else 'no'}")
+    m = result["metadata_encoding"]
+    parts.append("\n## Metadata encoding, one thread: value by value (before) vs column-wise (now), rows/s\n")
+    parts.append(markdown_table(["rows per call", "before (row dicts, value by value)", "now (Arrow columns, as the loader)",
+                                 "speedup", "now (row dicts given to the processor)", "speedup (row dicts)"],
+                                [[k, v["rows_per_s"]["before"], v["rows_per_s"]["now_arrow_columns"], v["speedup"],
+                                  v["rows_per_s"]["now_row_dicts"], v["speedup_row_dicts"]] for k, v in m.items() if isinstance(v, dict)]))
+    parts.append(f"\nTarget (at least 20x): {'met' if m['target_met'] else 'NOT met'}")
+    w = result["worker"]
+    parts.append(f"\n## One loader worker (one thread), lesions/s, {w['batches']} batches of {arguments['patients_per_batch']} "
+                 f"patients x up to {arguments['max_lesions_per_patient']} lesions\n")
+    parts.append(markdown_table(["model input", "before (PIL augmentation + second resize)", "now (decode + resize + uint8)",
+                                 "speedup", "device half run on this CPU", "now incl. device half on CPU"],
+                                [[f"{k} px", v["lesions_per_s"]["before"], v["lesions_per_s"]["now"], v["speedup"],
+                                  v["lesions_per_s"]["now_device_half_on_cpu"], v["now_including_device_half_on_cpu"]]
+                                 for k, v in w.items() if isinstance(v, dict)]))
+    parts.append(f"\nTarget (at least 5x at the largest size): {'met' if w['target_met'] else 'NOT met'}")
+    r = result["release_step"]
+    g = r["gpu"]
+    parts.append(f"\n## Release architecture ({r['architecture']}, {r['parameters'] / 1e6:.1f} M parameters): training step and a GPU projection\n")
+    rows = [["measured FLOPs per lesion (forward + backward)", f"{r['gflops_per_lesion']:.1f} GFLOP"],
+            [f"this CPU ({r['cpu_threads']} threads), lesions/s", r["cpu_lesions_per_s"]],
+            ["this CPU, achieved GFLOP/s", r["cpu_achieved_gflops_per_s"]],
+            [f"projected GPU lesions/s ({g['peak_tflops']:.0f} TFLOP/s x {g['utilization']:.0%})", g["projected_lesions_per_s"]]]
+    for key, value in g.items():
+        if key.startswith(("workers_needed", "lesions_per_s_with", "slice3d")):
+            rows.append([key.replace("_", " "), value])
+    parts.append(markdown_table(["quantity", "value"], rows))
     return "\n".join(parts)
 
 
@@ -412,7 +629,11 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"environment": environment(args.threads if args.threads > 0 else None), "arguments": asdict(args)}
         result["synthetic"] = synthetic_layout(args, work)
         result["converter"] = converter_section(args, result["synthetic"], work)
-        result["loader"] = loader_section(args, result["converter"]["runs"][-1]["output_dir"])
+        converted = result["converter"]["runs"][1 if len(result["converter"]["runs"]) > 2 else -1]["output_dir"]
+        result["loader"] = loader_section(args, converted)
+        result["metadata_encoding"] = metadata_section(args, converted)
+        result["worker"] = worker_section(args, converted)
+        result["release_step"] = release_section(args, converted, result["worker"])
         result["total_seconds"] = time.perf_counter() - start
     finally:
         cleanup(work, temporary=not args.data_dir, keep_layout=args.keep)

@@ -67,6 +67,9 @@ from training.results import write_json  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 
+# The colour of the skin around the lesion (L*, a*, b*, chroma, hue and the std of L*): the image shows it too,
+# so aligning images with these columns can teach the image tower skin colour instead of the lesion.
+SKIN_COLOUR_COLUMNS = ("*ext", "*Ext")
 # name -> pretrain.py arguments (None: no pre-training) and a one-line description.
 VARIANTS: dict[str, tuple[list[str] | None, str]] = {
     "random": (None, "untrained SLIMPModel (same config and initialisation)"),
@@ -75,8 +78,10 @@ VARIANTS: dict[str, tuple[list[str] | None, str]] = {
     "slimp_mean": (["--lesion_loss_weight", "0.5", "--patient_aggregation", "mean"], "SLIMP, mean pooling (λ = 0.5)"),
     "slimp_attention": (["--lesion_loss_weight", "0.5", "--patient_aggregation", "attention"], "SLIMP, attention pooling (λ = 0.5)"),
     "slimp_ssl": (["--lesion_loss_weight", "0.5", "--image_ssl_weight", "0.3"], "SLIMP + image self-supervision (w = 0.3)"),
+    "slimp_noext": (["--lesion_loss_weight", "0.5", "--exclude_features", *SKIN_COLOUR_COLUMNS],
+                    "SLIMP, mean pooling, without the six `*ext` colour-of-the-surrounding-skin columns (a skin-colour shortcut)"),
 }
-SLIMP_VARIANTS = ("slimp_mean", "slimp_attention", "slimp_ssl")
+SLIMP_VARIANTS = ("slimp_mean", "slimp_attention", "slimp_ssl", "slimp_noext")
 REPRESENTATIONS = ("tower", "projection")
 SPLITS = ("train", "validation", "test")
 CONTEXT = "image+metadata+context"  # the headline probe: what a dermatologist sees

@@ -18,12 +18,14 @@ value), never value by value; missing values and category spellings follow `sche
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers import AutoImageProcessor, BatchFeature, ProcessorMixin, ViTImageProcessorPil
@@ -89,6 +91,11 @@ def _columns(metadata: Any) -> dict[str, Any]:
     if isinstance(metadata, Mapping):
         return {str(key): value for key, value in metadata.items()}
     rows = list(metadata)
+    if not rows:
+        return {}
+    first = rows[0].keys()
+    if all(row.keys() == first for row in rows):  # the usual case: every row has the same columns
+        return {key: [row[key] for row in rows] for key in first}
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return {key: [row.get(key) for row in rows] for key in keys}
 
@@ -102,36 +109,69 @@ def _num_rows(columns: Mapping[str, Any]) -> int:
 
 def _numbers(values: Sequence) -> tuple[torch.Tensor, list]:
     """A column -> ((N,) float32 tensor, NaN = missing or unparseable; the unparseable raw values)."""
-    try:  # numeric arrays and lists of floats: one C-level conversion
-        numbers = torch.tensor(values if not isinstance(values, tuple) else list(values), dtype=torch.float64)
-        return torch.where(torch.isfinite(numbers), numbers, torch.nan).to(torch.float32), []
-    except (TypeError, ValueError, RuntimeError):
-        pass
+    numbers, invalid = _number_array(values)
+    with np.errstate(invalid="ignore"):
+        numbers[~np.isfinite(numbers)] = np.nan
+    return torch.from_numpy(numbers.astype(np.float32)), invalid
+
+
+def _number_array(values: Sequence) -> tuple[np.ndarray, list]:
+    """A column -> ((N,) float64 array, non-finite = missing; the unparseable raw values).
+
+    A column of numbers (a numeric array, or numbers and None) is converted in one C-level call; text is
+    parsed value by value with the contract's rules (`parse_number`)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        return values.astype(np.float64), []
+    listed = values.tolist() if hasattr(values, "tolist") else list(values)
+    if _all_numbers(listed):
+        return np.array([math.nan if value is None else value for value in listed], dtype=np.float64), []
     parsed, invalid = [], []
-    for value in values:
+    for value in listed:
         number, ok = parse_number(value)
         parsed.append(number)
         if not ok:
             invalid.append(value)
-    return torch.tensor(parsed, dtype=torch.float32), invalid
+    return np.asarray(parsed, dtype=np.float64), invalid
 
 
-def _category_ids(values: Sequence, vocabulary: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _all_numbers(values) -> bool:
+    """True when every value is a number (bool, int, float, numpy scalar) or None."""
+    return all(value is None or isinstance(value, (int, float, np.number, np.bool_)) for value in values)
+
+
+def _category_ids(values: Sequence, vocabulary: Sequence[str], cache: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A column -> ((N,) long ids, 0 = missing/unknown; (N,) bool present; {raw value: category} of unknowns).
 
-    Each distinct raw value is cleaned once (`as_category`), then rows are looked up."""
-    ids = {category: index + 1 for index, category in enumerate(vocabulary)}
+    Each distinct raw value is cleaned once (`as_category`) and remembered in `cache` for the next call
+    (raw value -> its id, 0 for an unknown category, -1 for a missing value); rows are dictionary lookups."""
+    cache = {} if cache is None else cache
+    codes = cache.setdefault("codes", {})
+    names = cache.setdefault("unknown", {})
     values = values.tolist() if hasattr(values, "tolist") else list(values)
-    lookup: dict = {}
-    unknown: dict = {}
-    for value in set(map(_hashable, values)):
-        category = as_category(value)
-        lookup[value] = (ids.get(category, 0), category is not None)
-        if category is not None and category not in ids:
-            unknown[value] = category
-    encoded = [lookup[_hashable(value)] for value in values]
-    return (torch.tensor([code for code, _ in encoded], dtype=torch.long),
-            torch.tensor([present for _, present in encoded], dtype=torch.bool), unknown)
+    try:
+        distinct = set(values)
+    except TypeError:  # an unhashable value (a list, a dict): compare its text
+        values = [_hashable(value) for value in values]
+        distinct = set(values)
+    new = distinct.difference(codes)
+    if new:
+        ids = {category: index + 1 for index, category in enumerate(vocabulary)}
+        if len(codes) + len(new) > _CATEGORY_CACHE_SIZE:  # free text: do not grow without bound
+            codes.clear()
+            names.clear()
+            new = distinct
+        for value in new:
+            category = as_category(value)
+            codes[value] = -1 if category is None else ids.get(category, 0)
+            if category is not None and category not in ids:
+                names[value] = category
+    encoded = torch.from_numpy(np.fromiter(map(codes.__getitem__, values), dtype=np.int64, count=len(values)))
+    unknown = {value: names[value] for value in distinct if codes[value] == 0}
+    return encoded.clamp(min=0), encoded >= 0, unknown
+
+
+_CATEGORY_CACHE_SIZE = 50_000  # distinct raw values remembered per categorical feature
 
 
 def _hashable(value: Any) -> Any:
@@ -139,10 +179,13 @@ def _hashable(value: Any) -> Any:
 
 
 def _first_present(present: torch.Tensor, patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
-    """(P,) row of each patient's first present value, or -1 when the patient has none."""
+    """`present` (N,) or (N, F) bool -> (P,) or (P, F): the row of each patient's first present value, or -1
+    when the patient has none."""
     rows = present.shape[0]
-    key = torch.where(present, torch.arange(rows), torch.full((rows,), rows))
-    first = torch.full((num_patients,), rows).scatter_reduce(0, patient_index, key, "amin")
+    order = torch.arange(rows).view(-1, *([1] * (present.dim() - 1))).expand_as(present)
+    key = torch.where(present, order, torch.full_like(order, rows))
+    index = patient_index.view(-1, *([1] * (present.dim() - 1))).expand_as(present)
+    first = torch.full((num_patients, *present.shape[1:]), rows).scatter_reduce(0, index, key, "amin")
     return torch.where(first < rows, first, torch.full_like(first, -1))
 
 
@@ -186,6 +229,7 @@ class SLIMPProcessor(ProcessorMixin):
         self.config = config
         self.unknown_categories: Counter = Counter()
         self.invalid_numbers: Counter = Counter()
+        self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> {raw value: (id, present, category)}
         self._warned_absent: set[str] = set()
 
     @property
@@ -329,36 +373,52 @@ class SLIMPProcessor(ProcessorMixin):
     def _patient_index(self, columns: dict[str, Any], num_rows: int) -> tuple[torch.Tensor, int]:
         if PATIENT_COLUMN not in columns:
             return torch.arange(num_rows), num_rows
-        keys = list(columns[PATIENT_COLUMN])
-        for row, key in enumerate(keys):
-            if is_missing(key):
-                raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
-        codes, patients = factorize(str(key) for key in keys)
-        return torch.tensor(codes, dtype=torch.long), len(patients)
+        keys = columns[PATIENT_COLUMN]
+        keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        try:
+            distinct = set(keys)
+        except TypeError:
+            keys = [_hashable(key) for key in keys]
+            distinct = set(keys)
+        missing = {key for key in distinct if is_missing(key)}  # each distinct key checked once
+        if missing:
+            row = next(row for row, key in enumerate(keys) if key in missing)
+            raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
+        if not all(type(key) is str for key in distinct):
+            keys = [str(key) for key in keys]
+        codes, patients = factorize(keys)
+        return torch.from_numpy(np.asarray(codes, dtype=np.int64)), len(patients)
 
     def _encode(self, config: SLIMPMetadataConfig, columns: dict[str, Any], num_rows: int,
                 patient_index: torch.Tensor | None = None, num_patients: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, Fn) numbers and (rows, Fc) ids: one row per lesion, or with `patient_index` one per patient
-        (the first present value among the patient's rows)."""
+        (the first present value among the patient's rows). The numbers are one (N, Fn) block: a conversion
+        per column, then one missing-value mask and (patient level) one first-present selection."""
         rows = num_rows if patient_index is None else num_patients
-        numerical = torch.full((rows, config.num_numerical), float("nan"))
-        for j, feature in enumerate(config.numerical_features):
-            if feature not in columns:
-                continue
-            values, invalid = _numbers(columns[feature])
-            self.invalid_numbers.update((feature, str(value)) for value in invalid)
-            if patient_index is None:
-                numerical[:, j] = values
-            else:
-                first = _first_present(~torch.isnan(values), patient_index, rows)
-                numerical[:, j] = torch.where(first >= 0, values[first.clamp(min=0)], torch.nan)
+        numerical_features = config.numerical_features
+        block = np.full((num_rows, len(numerical_features)), np.nan)
+        for j, feature in enumerate(numerical_features):
+            if feature in columns:
+                block[:, j], invalid = _number_array(columns[feature])
+                if invalid:
+                    self.invalid_numbers.update((feature, str(value)) for value in invalid)
+        with np.errstate(invalid="ignore"):
+            block[~np.isfinite(block)] = np.nan
+        numbers = torch.from_numpy(block.astype(np.float32))
+        if patient_index is not None and numbers.shape[1]:
+            first = _first_present(~torch.isnan(numbers), patient_index, rows)
+            picked = numbers.gather(0, first.clamp(min=0))
+            numbers = torch.where(first >= 0, picked, torch.nan)
+        elif patient_index is not None:
+            numbers = numbers.new_empty((rows, 0))
         categorical = torch.zeros((rows, config.num_categorical), dtype=torch.long)
         for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
             if feature not in columns:
                 continue
             raw = columns[feature]
-            ids, present, unknown = _category_ids(raw, vocabulary)
-            chosen = torch.arange(num_rows)
+            cache = self._category_cache.setdefault((feature, tuple(vocabulary)), {})
+            ids, present, unknown = _category_ids(raw, vocabulary, cache)
+            chosen = None
             if patient_index is not None:
                 first = _first_present(present, patient_index, rows)
                 chosen = first[first >= 0]
@@ -366,10 +426,11 @@ class SLIMPProcessor(ProcessorMixin):
             else:
                 categorical[:, j] = ids
             if unknown:  # count the unknown categories that were read (patient level: the chosen rows only)
+                chosen = torch.arange(num_rows) if chosen is None else chosen
                 raw_values = raw.tolist() if hasattr(raw, "tolist") else list(raw)
                 for row in chosen[(ids[chosen] == 0) & present[chosen]].tolist():
                     self.unknown_categories[(feature, unknown[_hashable(raw_values[row])])] += 1
-        return numerical, categorical
+        return numbers, categorical
 
     # ----- schema fitting -----
     @staticmethod

@@ -115,9 +115,9 @@ def factorize(keys: Iterable[Hashable]) -> tuple[list[int], list[Hashable]]:
 
     The one grouping-by-patient rule of the project: `codes` is a `patient_index`, `uniques` the patients.
     """
-    index: dict[Hashable, int] = {}
-    codes = [index.setdefault(key, len(index)) for key in keys]
-    return codes, list(index)
+    keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+    index = {key: position for position, key in enumerate(dict.fromkeys(keys))}
+    return list(map(index.__getitem__, keys)), list(index)
 
 
 def rows_by_patient(patient_ids: Iterable[Hashable]) -> list[list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-VARIANTS = ["random", "simclr", "clip_flat", "slimp_mean", "slimp_attention", "slimp_ssl"]
+VARIANTS = ["random", "simclr", "clip_flat", "slimp_mean", "slimp_attention", "slimp_ssl", "slimp_noext"]
 BASELINES, SLIMP = VARIANTS[:3], VARIANTS[3:]
 
 
@@ -37,6 +37,7 @@ def test_quality_quick_writes_every_variant_anchor_and_target(tmp_path):
     assert runs["random"]["pretrain_argv"] is None and runs["random"]["pretrain"] == {} and runs["random"]["step"] == 0
     assert "--image_ssl_weight" in runs["simclr"]["pretrain_argv"]
     assert {"--image_ssl_weight", "--lesion_loss_weight"} <= set(runs["slimp_ssl"]["pretrain_argv"])
+    assert "--exclude_features" in runs["slimp_noext"]["pretrain_argv"]
     for variant in VARIANTS[1:]:
         assert runs[variant]["pretrain"]["global_step"] == 2 and runs[variant]["step"] == 2
         assert runs[variant]["pretrain"]["chance_patient_loss"] > 0

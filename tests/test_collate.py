@@ -16,7 +16,7 @@ from transformers import ViTImageProcessorPil
 from conftest import tiny_config
 from modeling_slimp import SLIMPProcessor
 from training.data.augment import PARAMETERS, AugmentationConfig, augment, color_jitter, draw_parameters, gaussian_blur
-from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
 from training.data.sampler import PatientBatchSampler
 
 SIZE = (30, 26)  # (height, width), deliberately odd and non-square
@@ -164,6 +164,41 @@ def test_dataloader_with_workers_and_patient_sampler(processor):
         assert batch["patient_index"].tolist() == expected
         assert batch["patient_numerical_values"].shape[0] == len(set(ids)) <= 2
     assert sum(len(b["labels"]) for b in batches) == len(dataset)
+
+
+def small_dataset():
+    datasets = pytest.importorskip("datasets")
+    patients = ["IP_A"] * 5 + ["IP_B"] * 2 + ["IP_C"] * 3 + ["IP_D"]
+    rows = [make_row(i, p, image={"bytes": png_bytes(lesion_image(i)), "path": None}) for i, p in enumerate(patients)]
+    rows[3]["clin_size_long_diam_mm"] = None  # a missing number and a missing category travel as Arrow nulls
+    rows[4]["sex"] = None
+    features = datasets.Features({
+        "image": datasets.Image(), "image_id": datasets.Value("string"),
+        "patient_id": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b", "c"]),
+        "clin_size_long_diam_mm": datasets.Value("float64"), "tbp_lv_areaMM2": datasets.Value("float64"),
+        "anatom_site_general": datasets.Value("string"), "age_approx": datasets.Value("float64"),
+        "sex": datasets.Value("string"),
+    })
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]}, features=features)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_arrow_column_batches_equal_row_batches(processor, train):
+    """`ColumnBatches` hands the collator one pyarrow Table per batch (metadata as column arrays); the batch
+    is exactly the one the list of row dicts gives, through a DataLoader with workers too."""
+    dataset = small_dataset()
+    sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
+    collator = SLIMPCollator(processor, train=train, seed=1)
+    columns = list(DataLoader(ColumnBatches(dataset), batch_sampler=sampler, collate_fn=collator, num_workers=1))
+    rows = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=0))
+    assert len(columns) == len(rows) == len(sampler)
+    for a, b in zip(columns, rows):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key].nan_to_num(-7), b[key].nan_to_num(-7)), key
+    assert any(torch.isnan(batch["lesion_numerical_values"]).any() for batch in columns)
+    table = ColumnBatches(dataset).__getitems__([0, 5])
+    assert table.num_rows == 2 and "image" in table.column_names
 
 
 # ----- the augmentations (device side) -----

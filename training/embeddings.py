@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from modeling_slimp import PatientSums, SLIMPForLesionClassification, SLIMPModel
 from modeling_slimp.schema_slimp import factorize, rows_by_patient
-from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
 
 REPRESENTATIONS = ("projection", "tower")
 
@@ -52,7 +52,8 @@ def _batches(dataset, collator: SLIMPCollator, batch_size: int, num_workers: int
     codes, _ = factorize(patient_ids)
     codes = torch.tensor(codes, dtype=torch.long)
     batches = patient_batches(patient_ids, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+    source = ColumnBatches(dataset) if hasattr(dataset, "with_format") else dataset  # Arrow columns, not row dicts
+    loader = DataLoader(source, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
     transform = BatchTransform(collator.processor)
     for rows, batch in zip(batches, loader):
         yield rows, transform(batch, device), codes[rows].to(device)

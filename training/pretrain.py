@@ -48,7 +48,7 @@ from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa
 from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
 from training.data.augment import AUGMENTATIONS  # noqa: E402
-from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
+from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator  # noqa: E402
 from training.data.dataset import load_slimp_dataset  # noqa: E402
 from training.data.sampler import PatientBatchSampler  # noqa: E402
 from training.data.streaming import StreamingPatientBatches  # noqa: E402
@@ -319,7 +319,7 @@ def build_loader(train_split, collator, data_args: DataArguments, args: TrainArg
     # generator: creating an iterator (each epoch, and on resume) must not consume the global RNG that
     # feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
     # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
-    loader = DataLoader(train_split, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers,
+    loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers,
                         generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
     return sampler, loader, len(sampler)
 

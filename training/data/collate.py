@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,19 +111,44 @@ class SLIMPCollator:
         """Epoch mixed into the seeded augmentations (see the module docstring)."""
         self.epoch = epoch
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> BatchFeature:
-        ids = [row.get(self.id_column, i) for i, row in enumerate(rows)]
-        pixels = np.stack([decode_image(row[self.image_column], image_id, self.size) for row, image_id in zip(rows, ids)])
-        metadata = [{key: value for key, value in row.items() if key != self.image_column} for row in rows]
+    def __call__(self, rows) -> BatchFeature:
+        """`rows`: a list of row dicts, or the columns of a batch (a dict of columns, or the `pyarrow.Table` that
+        `ColumnBatches` yields: the metadata then stays column arrays, with no per-row Python objects)."""
+        images, ids, labels, metadata = self._columns(rows)
+        pixels = np.stack([decode_image(image, image_id, self.size) for image, image_id in zip(images, ids)])
         batch = BatchFeature(self.processor.encode_metadata(metadata))
         batch[PIXELS] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
-        if rows and all(row.get(self.label_column) is not None for row in rows):
-            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        if labels is not None:
+            batch["labels"] = labels
         if self.train:
             batch[PARAMETERS] = self.parameters(ids, view=0)
             if self.two_views:
                 batch[SSL_PARAMETERS] = self.parameters(ids, view=1)
         return batch
+
+    def _columns(self, rows) -> tuple[list, list, torch.Tensor | None, Any]:
+        """(images, image ids, labels (N,) long or None, metadata for the processor) of a batch in any form."""
+        if hasattr(rows, "column_names") and hasattr(rows, "column"):  # pyarrow.Table
+            names = rows.column_names
+            images = rows.column(self.image_column).to_pylist()
+            ids = rows.column(self.id_column).to_pylist() if self.id_column in names else list(range(len(images)))
+            metadata = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in names if name != self.image_column}
+        elif isinstance(rows, Mapping):
+            images = list(rows[self.image_column])
+            ids = list(rows[self.id_column]) if self.id_column in rows else list(range(len(images)))
+            metadata = {name: values for name, values in rows.items() if name != self.image_column}
+        else:
+            images = [row[self.image_column] for row in rows]
+            ids = [row.get(self.id_column, i) for i, row in enumerate(rows)]
+            metadata = [{key: value for key, value in row.items() if key != self.image_column} for row in rows]
+            labels = [row.get(self.label_column) for row in rows]
+            present = bool(rows) and all(label is not None for label in labels)
+            return images, ids, torch.tensor([int(v) for v in labels], dtype=torch.long) if present else None, metadata
+        labels = metadata.get(self.label_column)
+        labels = [] if labels is None else (labels.tolist() if hasattr(labels, "tolist") else list(labels))
+        if not labels or any(label is None for label in labels):
+            return images, ids, None, metadata
+        return images, ids, torch.tensor([int(label) for label in labels], dtype=torch.long), metadata
 
     def parameters(self, image_ids: Sequence, view: int) -> torch.Tensor:
         """(N, K) augmentation parameters of one view of each image."""
@@ -139,6 +164,28 @@ class SLIMPCollator:
         entropy = [self.seed, self.epoch, zlib.crc32(str(image_id).encode()), view]
         state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
         return torch.Generator().manual_seed(state)
+
+
+class ColumnBatches(torch.utils.data.Dataset):
+    """A `datasets.Dataset` whose batches reach the collator as one `pyarrow.Table` (its columns) instead of a
+    list of row dicts: `DataLoader` fetches a `batch_sampler`'s batch with `__getitems__`, and Arrow columns
+    become numpy arrays in C, so the metadata is encoded column-wise without per-value Python objects.
+
+        loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=SLIMPCollator(...))
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.table = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]):
+        return self.table[list(indices)]
 
 
 class BatchTransform:
@@ -164,4 +211,4 @@ class BatchTransform:
         return batch
 
 
-__all__ = ["SLIMPCollator", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]
+__all__ = ["SLIMPCollator", "ColumnBatches", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]
