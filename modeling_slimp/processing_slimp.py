@@ -84,10 +84,15 @@ def _image_list(images: Any) -> list:
 
 
 # ----- metadata columns -----
-def _columns(metadata: Any) -> dict[str, Any]:
-    """Rows as columns: a pandas DataFrame, a dict of lists (a `datasets` batch) or a list of dicts."""
+def _columns(metadata: Any, needed: Iterable[str] | None = None) -> dict[str, Any]:
+    """Rows as columns: a pandas DataFrame, a pyarrow Table, a dict of lists (a `datasets` batch) or a list of
+    dicts. For a DataFrame or Table only the `needed` columns (default all) are taken."""
     if hasattr(metadata, "columns") and hasattr(metadata, "iloc"):  # pandas.DataFrame: keep its column arrays
-        return {str(name): metadata[name].to_numpy() for name in metadata.columns}
+        names = [name for name in metadata.columns if needed is None or str(name) in needed]
+        return {str(name): metadata[name].to_numpy() for name in names}
+    if hasattr(metadata, "column_names") and hasattr(metadata, "column"):  # a pyarrow Table: columns stay Arrow
+        names = metadata.column_names if needed is None else [name for name in metadata.column_names if name in needed]
+        return {str(name): metadata.column(name) for name in names}
     if isinstance(metadata, Mapping):
         return {str(key): value for key, value in metadata.items()}
     rows = list(metadata)
@@ -120,6 +125,9 @@ def _number_array(values: Sequence) -> tuple[np.ndarray, list]:
 
     A column of numbers (a numeric array, or numbers and None) is converted in one C-level call; text is
     parsed value by value with the contract's rules (`parse_number`)."""
+    if _is_arrow(values):
+        array = values.to_numpy(zero_copy_only=False)  # numbers: C-level, nulls as NaN; text: objects
+        values = array if array.dtype.kind in "biuf" else array.astype(object)
     if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
         return values.astype(np.float64), []
     listed = values.tolist() if hasattr(values, "tolist") else list(values)
@@ -139,39 +147,77 @@ def _all_numbers(values) -> bool:
     return all(value is None or isinstance(value, (int, float, np.number, np.bool_)) for value in values)
 
 
-def _category_ids(values: Sequence, vocabulary: Sequence[str], cache: dict | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A column -> ((N,) long ids, 0 = missing/unknown; (N,) bool present; {raw value: category} of unknowns).
+def _category_codes(values: Sequence, vocabulary: Sequence[str], cache: dict) -> torch.Tensor:
+    """A column -> (N,) long codes: the category's id (1 ..) when it is in `vocabulary`, -1 when the value is
+    missing, and -2 - k for the k-th unknown category (`cache["unknown"][k]` names it).
 
-    Each distinct raw value is cleaned once (`as_category`) and remembered in `cache` for the next call
-    (raw value -> its id, 0 for an unknown category, -1 for a missing value); rows are dictionary lookups."""
-    cache = {} if cache is None else cache
+    Each distinct raw value is cleaned once (`as_category`) and remembered in `cache` for later calls;
+    rows are then dictionary lookups (for a large Arrow column, an index into Arrow's distinct values)."""
     codes = cache.setdefault("codes", {})
-    names = cache.setdefault("unknown", {})
-    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    if _large_arrow(values):  # Arrow finds the distinct values; only those are cleaned and looked up
+        indices, distinct_values = _arrow_dictionary(values)
+        lookup = np.asarray([_code(value, vocabulary, cache) for value in distinct_values] + [-1], dtype=np.int64)
+        return torch.from_numpy(lookup[indices])
+    values = _as_list(values)
     try:
         distinct = set(values)
     except TypeError:  # an unhashable value (a list, a dict): compare its text
         values = [_hashable(value) for value in values]
         distinct = set(values)
-    new = distinct.difference(codes)
-    if new:
-        ids = {category: index + 1 for index, category in enumerate(vocabulary)}
-        if len(codes) + len(new) > _CATEGORY_CACHE_SIZE:  # free text: do not grow without bound
-            codes.clear()
-            names.clear()
-            new = distinct
-        for value in new:
-            category = as_category(value)
-            codes[value] = -1 if category is None else ids.get(category, 0)
-            if category is not None and category not in ids:
-                names[value] = category
-    encoded = torch.from_numpy(np.fromiter(map(codes.__getitem__, values), dtype=np.int64, count=len(values)))
-    unknown = {value: names[value] for value in distinct if codes[value] == 0}
-    return encoded.clamp(min=0), encoded >= 0, unknown
+    if len(codes) + len(distinct) > _CATEGORY_CACHE_SIZE:  # free text: do not grow without bound
+        codes.clear()
+    for value in distinct.difference(codes):
+        _code(value, vocabulary, cache)
+    return torch.from_numpy(np.fromiter(map(codes.__getitem__, values), dtype=np.int64, count=len(values)))
 
 
 _CATEGORY_CACHE_SIZE = 50_000  # distinct raw values remembered per categorical feature
+
+
+def _code(value: Any, vocabulary: Sequence[str], cache: dict) -> int:
+    """The cached code of one distinct raw value (see `_category_codes`), cleaning it on first sight."""
+    codes, unknown = cache.setdefault("codes", {}), cache.setdefault("unknown", [])
+    if value not in codes:
+        category = as_category(value)
+        if category is None:
+            codes[value] = -1
+        elif category in vocabulary:
+            codes[value] = vocabulary.index(category) + 1
+        else:
+            if category not in unknown:
+                unknown.append(category)
+            codes[value] = -2 - unknown.index(category)
+    return codes[value]
+
+
+def _is_arrow(values: Any) -> bool:
+    """A pyarrow Array or ChunkedArray (recognised by its methods: pyarrow is not imported here)."""
+    return hasattr(values, "dictionary_encode") and hasattr(values, "to_pylist")
+
+
+# Below this many rows, Python sets and dicts over `to_pylist()` beat Arrow's per-call dispatch cost.
+_ARROW_DICTIONARY_ROWS = 2048
+
+
+def _large_arrow(values: Any) -> bool:
+    return _is_arrow(values) and len(values) >= _ARROW_DICTIONARY_ROWS
+
+
+def _as_list(values: Any) -> list:
+    if _is_arrow(values):
+        return values.to_pylist()
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def _arrow_dictionary(values: Any) -> tuple[np.ndarray, list]:
+    """An Arrow column -> ((N,) int64 index of each row's value among the distinct values, -1 for null; the
+    distinct values in order of first appearance), computed by Arrow in C (`dictionary_encode`)."""
+    array = values.combine_chunks() if hasattr(values, "combine_chunks") else values
+    encoded = array.dictionary_encode()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)  # nulls (if any) come back as NaN
+    if encoded.indices.null_count:
+        indices = np.where(np.isnan(indices), -1, indices)
+    return indices.astype(np.int64), encoded.dictionary.to_pylist()
 
 
 def _hashable(value: Any) -> Any:
@@ -335,21 +381,73 @@ class SLIMPProcessor(ProcessorMixin):
         return int(edge), int(edge)
 
     def encode_metadata(self, metadata) -> dict[str, torch.Tensor]:
-        """Raw rows (DataFrame, dict of columns, list of dicts) -> the metadata tensors and `patient_index`."""
-        columns = _columns(metadata)
-        num_rows = _num_rows(columns)
-        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        """Raw rows (DataFrame, pyarrow Table, dict of columns, list of dicts) -> the metadata tensors and
+        `patient_index`: `encode_rows`, then `group_patients`."""
+        columns = self._schema_columns(metadata)
+        num_rows = _num_rows(columns) if columns else _num_rows(_columns(metadata))
         self.check_columns(columns)
         patient_index, num_patients = self._patient_index(columns, num_rows)
-        lesion_numerical, lesion_categorical = self._encode(lesion, columns, num_rows)
-        patient_numerical, patient_categorical = self._encode(patient, columns, num_rows, patient_index, num_patients)
+        return self.group_patients(self._encode_rows(columns, num_rows), patient_index, num_patients)
+
+    def encode_rows(self, metadata) -> dict[str, torch.Tensor]:
+        """Raw rows -> one row of codes per lesion, before lesions are grouped by patient: `lesion_numerical_values`
+        (N, Fn) and `patient_numerical_values` (N, Gn) float (NaN = missing; the patient-level columns as
+        each row has them), `lesion_categorical_codes` (N, Fc) and `patient_categorical_codes` (N, Gc) long
+        (id >= 1 in the vocabulary, -1 missing, <= -2 an unknown category). A table of any size can be
+        encoded once and its rows gathered per batch (`group_patients`): the encoding of a row depends only
+        on that row. Unparseable numbers are counted in `invalid_numbers` here."""
+        columns = self._schema_columns(metadata)
+        num_rows = _num_rows(columns) if columns else _num_rows(_columns(metadata))
+        self.check_columns(columns)
+        return self._encode_rows(columns, num_rows)
+
+    def group_patients(self, rows: Mapping[str, torch.Tensor], patient_index: torch.Tensor,
+                       num_patients: int) -> dict[str, torch.Tensor]:
+        """`encode_rows` output (any subset of rows, e.g. a gathered batch) + each row's patient (N,) ->
+        the model's metadata inputs: lesion ids (0 = missing or unknown), and one patient-level row per
+        patient, its first present value among its rows. Unknown categories that are read are counted in
+        `unknown_categories` (patient level: only the chosen rows)."""
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        lesion_codes = rows["lesion_categorical_codes"]
+        self._count_unknown(lesion, lesion_codes)
+        numbers, codes = rows["patient_numerical_values"], rows["patient_categorical_codes"]
+        if numbers.shape[1]:
+            first = _first_present(~torch.isnan(numbers), patient_index, num_patients)
+            numbers = torch.where(first >= 0, numbers.gather(0, first.clamp(min=0)), torch.nan)
+        else:
+            numbers = numbers.new_empty((num_patients, 0))
+        if codes.shape[1]:
+            first = _first_present(codes != -1, patient_index, num_patients)
+            codes = torch.where(first >= 0, codes.gather(0, first.clamp(min=0)), -1)
+        else:
+            codes = codes.new_empty((num_patients, 0))
+        self._count_unknown(patient, codes)
         return {
-            "lesion_numerical_values": lesion_numerical,
-            "lesion_categorical_ids": lesion_categorical,
-            "patient_numerical_values": patient_numerical,
-            "patient_categorical_ids": patient_categorical,
+            "lesion_numerical_values": rows["lesion_numerical_values"],
+            "lesion_categorical_ids": lesion_codes.clamp(min=0),
+            "patient_numerical_values": numbers,
+            "patient_categorical_ids": codes.clamp(min=0),
             "patient_index": patient_index,
         }
+
+    def _schema_columns(self, metadata) -> dict[str, Any]:
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        return _columns(metadata, {PATIENT_COLUMN, *lesion.feature_names, *patient.feature_names})
+
+    def _encode_rows(self, columns: dict[str, Any], num_rows: int) -> dict[str, torch.Tensor]:
+        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
+        lesion_numbers, lesion_codes = self._encode(lesion, columns, num_rows)
+        patient_numbers, patient_codes = self._encode(patient, columns, num_rows)
+        return {"lesion_numerical_values": lesion_numbers, "lesion_categorical_codes": lesion_codes,
+                "patient_numerical_values": patient_numbers, "patient_categorical_codes": patient_codes}
+
+    def _count_unknown(self, config: SLIMPMetadataConfig, codes: torch.Tensor) -> None:
+        if not codes.numel() or not bool((codes <= -2).any()):
+            return
+        for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
+            names = self._category_cache.get((feature, tuple(vocabulary)), {}).get("unknown", [])
+            for code, count in zip(*torch.unique(codes[:, j][codes[:, j] <= -2], return_counts=True)):
+                self.unknown_categories[(feature, names[-2 - int(code)])] += int(count)
 
     def check_columns(self, column_names: Iterable[str]) -> list[str]:
         """The schema columns absent from `column_names` (a table's columns): each is read as missing, and
@@ -374,7 +472,14 @@ class SLIMPProcessor(ProcessorMixin):
         if PATIENT_COLUMN not in columns:
             return torch.arange(num_rows), num_rows
         keys = columns[PATIENT_COLUMN]
-        keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        if _large_arrow(keys):  # Arrow numbers the distinct ids in order of first appearance, as `factorize`
+            indices, distinct = _arrow_dictionary(keys)
+            bad = {code for code, key in enumerate(distinct) if is_missing(key)} | ({-1} if (indices < 0).any() else set())
+            if bad:
+                row = int(np.flatnonzero(np.isin(indices, list(bad)))[0])
+                raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
+            return torch.from_numpy(indices), len(distinct)
+        keys = _as_list(keys)
         try:
             distinct = set(keys)
         except TypeError:
@@ -389,12 +494,9 @@ class SLIMPProcessor(ProcessorMixin):
         codes, patients = factorize(keys)
         return torch.from_numpy(np.asarray(codes, dtype=np.int64)), len(patients)
 
-    def _encode(self, config: SLIMPMetadataConfig, columns: dict[str, Any], num_rows: int,
-                patient_index: torch.Tensor | None = None, num_patients: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, Fn) numbers and (rows, Fc) ids: one row per lesion, or with `patient_index` one per patient
-        (the first present value among the patient's rows). The numbers are one (N, Fn) block: a conversion
-        per column, then one missing-value mask and (patient level) one first-present selection."""
-        rows = num_rows if patient_index is None else num_patients
+    def _encode(self, config: SLIMPMetadataConfig, columns: dict[str, Any], num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, F_num) numbers and (N, F_cat) category codes of one tower's columns, one row per lesion. The
+        numbers are one block: a conversion per column, then one missing-value mask."""
         numerical_features = config.numerical_features
         block = np.full((num_rows, len(numerical_features)), np.nan)
         for j, feature in enumerate(numerical_features):
@@ -404,33 +506,13 @@ class SLIMPProcessor(ProcessorMixin):
                     self.invalid_numbers.update((feature, str(value)) for value in invalid)
         with np.errstate(invalid="ignore"):
             block[~np.isfinite(block)] = np.nan
-        numbers = torch.from_numpy(block.astype(np.float32))
-        if patient_index is not None and numbers.shape[1]:
-            first = _first_present(~torch.isnan(numbers), patient_index, rows)
-            picked = numbers.gather(0, first.clamp(min=0))
-            numbers = torch.where(first >= 0, picked, torch.nan)
-        elif patient_index is not None:
-            numbers = numbers.new_empty((rows, 0))
-        categorical = torch.zeros((rows, config.num_categorical), dtype=torch.long)
-        for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
-            if feature not in columns:
-                continue
-            raw = columns[feature]
-            cache = self._category_cache.setdefault((feature, tuple(vocabulary)), {})
-            ids, present, unknown = _category_ids(raw, vocabulary, cache)
-            chosen = None
-            if patient_index is not None:
-                first = _first_present(present, patient_index, rows)
-                chosen = first[first >= 0]
-                categorical[:, j] = torch.where(first >= 0, ids[first.clamp(min=0)], 0)
-            else:
-                categorical[:, j] = ids
-            if unknown:  # count the unknown categories that were read (patient level: the chosen rows only)
-                chosen = torch.arange(num_rows) if chosen is None else chosen
-                raw_values = raw.tolist() if hasattr(raw, "tolist") else list(raw)
-                for row in chosen[(ids[chosen] == 0) & present[chosen]].tolist():
-                    self.unknown_categories[(feature, unknown[_hashable(raw_values[row])])] += 1
-        return numbers, categorical
+        categorical_features = config.categorical_features
+        codes = torch.full((num_rows, len(categorical_features)), -1, dtype=torch.long)
+        for j, (feature, vocabulary) in enumerate(categorical_features.items()):
+            if feature in columns:
+                cache = self._category_cache.setdefault((feature, tuple(vocabulary)), {})
+                codes[:, j] = _category_codes(columns[feature], vocabulary, cache)
+        return torch.from_numpy(block.astype(np.float32)), codes
 
     # ----- schema fitting -----
     @staticmethod
@@ -463,7 +545,7 @@ class SLIMPProcessor(ProcessorMixin):
         patient_columns = {}  # one value per patient: the first present one among its rows
         for feature in [*patient_numerical, *patient_categorical]:
             raw = columns[feature]
-            values = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+            values = _as_list(raw)
             patient_columns[feature] = [next((values[r] for r in rows if not is_missing(values[r])), None) for rows in groups]
         lesion = _fit_tower(columns, list(lesion_numerical), list(lesion_categorical), min_category_count, lesion_tower)
         patient = _fit_tower(patient_columns, list(patient_numerical), list(patient_categorical), min_category_count, patient_tower)
@@ -492,7 +574,7 @@ def _fit_tower(columns: dict[str, Any], numerical: list[str], categorical: list[
     vocabularies = {}
     for feature in categorical:
         raw = columns[feature]
-        counts = Counter(as_category(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw))
+        counts = Counter(as_category(v) for v in _as_list(raw))
         counts.pop(None, None)
         kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
         if kept:
@@ -525,7 +607,10 @@ class PatientChunks(Dataset):
 
     def __init__(self, dataset, patient_ids: Sequence | None = None, max_lesions_per_patient: int | None = None):
         self.dataset = dataset
-        patient_ids = list(dataset[PATIENT_COLUMN] if patient_ids is None else patient_ids)
+        if patient_ids is None:  # a datasets.Dataset: read the column through Arrow, not row by row
+            patient_ids = (dataset.with_format("arrow")[PATIENT_COLUMN].to_pylist() if hasattr(dataset, "with_format")
+                           else [row[PATIENT_COLUMN] for row in dataset])
+        patient_ids = list(patient_ids)
         self.chunks: list[list[int]] = []
         for rows in rows_by_patient(patient_ids):
             self.chunks += near_equal_chunks(rows, max_lesions_per_patient) if max_lesions_per_patient else [rows]

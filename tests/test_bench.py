@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -70,7 +72,7 @@ def test_speed_quick_runs_every_section_and_writes_ratios(tmp_path):
     assert "SLIMP / backbone step time" in process.stderr and "| contender |" in process.stderr
 
 
-def test_data_quick_converts_two_sizes_and_compares_loader_with_model(tmp_path):
+def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp_path):
     output, work = tmp_path / "data.json", tmp_path / "work"
     process = run_bench("data.py", "--data_dir", str(work), "--output", str(output))
     result = json.loads(output.read_text())
@@ -93,7 +95,29 @@ def test_data_quick_converts_two_sizes_and_compares_loader_with_model(tmp_path):
                                      "fed_by_1_worker_over_precollated", "median_round_loader_w1_over_train"}
     assert all(positive(v) for v in loader["ratios"].values())
     assert isinstance(loader["loader_is_bottleneck"], bool)
+    assert isinstance(converter["flat_memory_target_met"], bool)
+    assert runs[-1]["rows"] > result["arguments"]["images"]  # the largest size tiles the layout: every row written
+
+    encoding = result["metadata_encoding"]  # the bench itself asserts that before and now encode identically
+    for rows in result["arguments"]["encode_rows"]:
+        rates = encoding[str(rows)]["rows_per_s"]
+        assert all(positive(rates[k]) for k in ("before", "now_encoded_once", "now_arrow_table", "now_row_dicts"))
+        assert positive(encoding[str(rows)]["speedup"])
+    worker = result["worker"]
+    for resolution in result["arguments"]["worker_resolutions"]:
+        rates = worker[str(resolution)]["lesions_per_s"]
+        assert all(positive(rates[k]) for k in ("before", "now", "now_device_half_on_cpu"))
+    assert isinstance(worker["target_met"], bool) and isinstance(encoding["target_met"], bool)
+    release = result["release_step"]
+    assert positive(release["flops_per_lesion"]) and positive(release["cpu_lesions_per_s"])
+    gpu = release["gpu"]
+    assert gpu["projected_lesions_per_s"] == pytest.approx(790e12 * 0.4 / release["flops_per_lesion"])
+    for resolution in result["arguments"]["worker_resolutions"]:
+        needed = gpu[f"workers_needed_at_{resolution}px"]
+        assert needed == math.ceil(gpu["projected_lesions_per_s"] / worker[str(resolution)]["lesions_per_s"]["now"])
+        assert positive(gpu[f"slice3d_epoch_minutes_at_{resolution}px"])
     assert positive(result["total_seconds"])
 
     assert list(work.iterdir()) == []  # everything it wrote is gone (no --keep)
-    assert "| rows |" in process.stderr
+    for table in ("| rows |", "Metadata encoding", "One loader worker", "Release architecture"):
+        assert table in process.stderr, table

@@ -16,7 +16,7 @@ from transformers import ViTImageProcessorPil
 from conftest import tiny_config
 from modeling_slimp import SLIMPProcessor
 from training.data.augment import PARAMETERS, AugmentationConfig, augment, color_jitter, draw_parameters, gaussian_blur
-from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator
 from training.data.sampler import PatientBatchSampler
 
 SIZE = (30, 26)  # (height, width), deliberately odd and non-square
@@ -197,8 +197,29 @@ def test_arrow_column_batches_equal_row_batches(processor, train):
         for key in a:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key].nan_to_num(-7), b[key].nan_to_num(-7)), key
     assert any(torch.isnan(batch["lesion_numerical_values"]).any() for batch in columns)
-    table = ColumnBatches(dataset).__getitems__([0, 5])
-    assert table.num_rows == 2 and "image" in table.column_names
+    fetched = ColumnBatches(dataset).__getitems__([0, 5])
+    assert fetched.indices == [0, 5] and fetched.table.num_rows == 2 and "image" in fetched.table.column_names
+
+
+def test_metadata_encoded_once_equals_the_per_batch_encoding(processor):
+    """`EncodedMetadata` encodes the split once; each batch is then a gather + patient grouping that equals
+    encoding that batch's rows (first present patient-level value, unknown categories counted alike)."""
+    dataset = small_dataset().map(lambda row, i: {"anatom_site_general": "elbow" if i in (1, 6) else row["anatom_site_general"],
+                                                  "sex": None if i == 5 else row["sex"]}, with_indices=True)
+    sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
+    direct_processor = SLIMPProcessor(processor.image_processor, config=processor.config)
+    encoded_processor = SLIMPProcessor(processor.image_processor, config=processor.config)
+    direct = SLIMPCollator(direct_processor, train=True, seed=1)
+    encoded = SLIMPCollator(encoded_processor, train=True, seed=1, encoded_metadata=EncodedMetadata(encoded_processor, dataset))
+    a = list(DataLoader(ColumnBatches(dataset), batch_sampler=sampler, collate_fn=direct))
+    b = list(DataLoader(ColumnBatches(dataset, columns=encoded.row_columns), batch_sampler=sampler, collate_fn=encoded,
+                        num_workers=0))
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key].nan_to_num(-7), y[key].nan_to_num(-7)), key
+    assert encoded_processor.unknown_categories == direct_processor.unknown_categories != {}
+    assert set(ColumnBatches(dataset, columns=encoded.row_columns).table.column_names) == {"image", "image_id", "label", "patient_id"}
 
 
 # ----- the augmentations (device side) -----

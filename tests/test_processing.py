@@ -286,3 +286,26 @@ def test_metadata_encoding_matches_a_value_by_value_reference():
         for j, (feature, vocabulary) in enumerate(patient.categorical_features.items()):
             first = next((as_category(r[feature]) for r in mine if as_category(r[feature]) is not None), None)
             assert batch["patient_categorical_ids"][p, j].item() == (vocabulary.index(first) + 1 if first in vocabulary else 0)
+
+
+def test_an_arrow_table_encodes_as_its_rows_do():
+    """A pyarrow Table (what `ColumnBatches` hands the collator) is encoded by Arrow's own dictionary
+    encoding, to exactly the tensors and counts of the same rows as dicts: unknown categories, text in a
+    numerical column, missing values, interleaved patients, and a missing patient id named by row."""
+    pa = pytest.importorskip("pyarrow")
+    rows = [dict(row) for row in ROWS] * 3
+    rows = [dict(row, patient_id=f"{row['patient_id']}{i % 2}") for i, row in enumerate(rows)]
+    rows[0]["anatom_site_general"] = "elbow"
+    rows[4]["sex"] = "other"
+    for row in rows:  # a numerical column of text, as a CSV gives it
+        row["tbp_lv_H"] = None if row["tbp_lv_H"] is None else str(row["tbp_lv_H"])
+    rows[1]["tbp_lv_H"] = "12,5"
+    table = pa.Table.from_pylist(rows)
+    by_rows, by_arrow = processor(), processor()
+    assert_batches_equal(by_arrow(metadata=table), by_rows(metadata=rows))
+    assert by_arrow.unknown_categories == by_rows.unknown_categories != {}
+    assert by_arrow.invalid_numbers == by_rows.invalid_numbers == {("tbp_lv_H", "12,5"): 1}
+    assert_batches_equal(by_arrow(metadata=table.slice(2, 9)), by_rows(metadata=rows[2:11]))  # a cached second call
+    rows[7]["patient_id"] = None
+    with pytest.raises(ValueError, match="row 7.*patient_id"):
+        processor()(metadata=pa.Table.from_pylist(rows))

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from modeling_slimp import PatientSums, SLIMPForLesionClassification, SLIMPModel
 from modeling_slimp.schema_slimp import factorize, rows_by_patient
 from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
+from training.data.dataset import column_list
 
 REPRESENTATIONS = ("projection", "tower")
 
@@ -48,7 +49,7 @@ def patient_batches(patient_ids: Sequence, batch_size: int) -> list[list[int]]:
 
 def _batches(dataset, collator: SLIMPCollator, batch_size: int, num_workers: int, device):
     """(rows, model inputs on `device`, global patient index (n,)) of each whole-patient batch."""
-    patient_ids = list(dataset["patient_id"])
+    patient_ids = column_list(dataset, "patient_id")
     codes, _ = factorize(patient_ids)
     codes = torch.tensor(codes, dtype=torch.long)
     batches = patient_batches(patient_ids, batch_size)
@@ -83,7 +84,7 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
     model.eval()
     device = torch.device(device) if device is not None else model.device
     collator.processor.check_columns(dataset.column_names)  # once, before any worker copies the processor
-    patient_ids = np.asarray(dataset["patient_id"], dtype=object)
+    patient_ids = np.asarray(column_list(dataset, "patient_id"), dtype=object)
     codes, patients = factorize(patient_ids.tolist())
     sums = model.new_patient_sums(len(patients), device)
     keys = ("image", "lesion_metadata", "image_tower", "lesion_metadata_tower")

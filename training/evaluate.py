@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
 from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
 from training.data.collate import SLIMPCollator  # noqa: E402
-from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import REPRESENTATIONS, embed_split  # noqa: E402
 from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
 from training.results import write_json  # noqa: E402
@@ -318,8 +318,8 @@ def resolve_class(name: str | None, label_names: list[str]) -> int:
 
 
 def split_info(dataset, label_names: list[str]) -> dict:
-    labels = np.asarray(dataset["label"])
-    return {"patients": len(set(dataset["patient_id"])), "lesions": len(dataset),
+    labels = np.asarray(column_list(dataset, "label"))
+    return {"patients": len(set(column_list(dataset, "patient_id"))), "lesions": len(dataset),
             "labels": {name: int((labels == c).sum()) for c, name in enumerate(label_names)}}
 
 

@@ -49,7 +49,7 @@ from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor  # noqa: E402
 from modeling_slimp.schema_slimp import as_category, parse_number  # noqa: E402
 from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
 from training.data.collate import SLIMPCollator  # noqa: E402
-from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
 from training.probe import fit_probe, probe_inputs, probe_metrics  # noqa: E402
 from training.results import write_json  # noqa: E402
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The target's own metadata is only held-out truth: the imputation sees `hidden`, the target without those columns.
     target, _ = load_slimp_dataset(args.target_dir, args.target_split)
-    patient_ids = [str(p) for p in target["patient_id"]]
+    patient_ids = [str(p) for p in column_list(target, "patient_id")]
     truth = {name: column_values(target, name, kind) for _, kind, name in _all_features(features)}
     hidden = target.remove_columns([name for name, values in truth.items() if values is not None])
     missing = extract(hidden)

@@ -57,7 +57,7 @@ from modeling_slimp.configuration_slimp import CLASSIFIER_FEATURES, CLASSIFIER_R
 from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
 from training.checkpointing import CheckpointError, damaged_files, write_manifest  # noqa: E402
 from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
-from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import predict_split  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 from training.probe import DEFAULT_REPRESENTATION, fit_probe  # noqa: E402
@@ -327,7 +327,7 @@ class SLIMPTrainer(Trainer):
         logits, labels = predict_split(model, dataset, self.eval_collator, batch_size=self.eval_batch_size,
                                        device=self.args.device)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in
-                   classification_metrics(labels, logits, patient_ids=dataset["patient_id"]).items()}
+                   classification_metrics(labels, logits, patient_ids=column_list(dataset, "patient_id")).items()}
         model.train()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
     test_split, _ = load_slimp_dataset(data_args.dataset_dir, "test")
     label_names = list(schema["label"]["names"])
-    class_weights = resolve_class_weights(model_args.class_weights, train_split["label"], len(label_names))
+    class_weights = resolve_class_weights(model_args.class_weights, column_list(train_split, "label"), len(label_names))
     model = load_classifier(model_args, label_names, class_weights)
     check_schema(model, schema)
     processor = SLIMPProcessor.from_pretrained(model_args.model_dir)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores = {}
         for name, split in (("validation", validation_split), ("test", test_split)):
             logits, labels = predict_split(model, split, eval_collator, batch_size=data_args.eval_batch_size)
-            scores[name] = classification_metrics(labels, logits, patient_ids=split["patient_id"])
+            scores[name] = classification_metrics(labels, logits, patient_ids=column_list(split, "patient_id"))
         logger.info("results %s", json.dumps(scores))
         result.update(classification=scores, class_weights=class_weights, mode=model_args.mode)
         results = {**result, "train_args": public_value(args.to_dict()), "data_args": public_value(dataclasses.asdict(data_args)),

@@ -48,8 +48,8 @@ from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa
 from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
 from training.data.augment import AUGMENTATIONS  # noqa: E402
-from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator  # noqa: E402
-from training.data.dataset import load_slimp_dataset  # noqa: E402
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator  # noqa: E402
+from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.data.sampler import PatientBatchSampler  # noqa: E402
 from training.data.streaming import StreamingPatientBatches  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
@@ -312,14 +312,17 @@ def build_loader(train_split, collator, data_args: DataArguments, args: TrainArg
         batches = StreamingPatientBatches(train_split, collator, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes, **common)
         return batches, DataLoader(batches, batch_size=None, num_workers=min(1, data_args.num_workers)), None
-    sampler = PatientBatchSampler(train_split["patient_id"], labels=train_split["label"] if data_args.include_malignant else None,
+    sampler = PatientBatchSampler(column_list(train_split, "patient_id"), labels=column_list(train_split, "label") if data_args.include_malignant else None,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                   include_malignant=data_args.include_malignant, **common)
     # The sampler shards by rank itself: the loader is not passed through accelerator.prepare. Its own
     # generator: creating an iterator (each epoch, and on resume) must not consume the global RNG that
     # feature dropout draws from, or a resumed run would diverge from an uninterrupted one.
     # Non-persistent workers copy the collator each epoch, so they see its epoch (seeded augmentations).
-    loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers,
+    # The metadata of the split is encoded once here; a batch's metadata is then a gather, in the worker.
+    collator.encoded_metadata = EncodedMetadata(collator.processor, train_split)
+    loader = DataLoader(ColumnBatches(train_split, columns=collator.row_columns), batch_sampler=sampler, collate_fn=collator,
+                        num_workers=data_args.num_workers,
                         generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
     return sampler, loader, len(sampler)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,8 @@ class SLIMPCollator:
 
     def __init__(self, processor: SLIMPProcessor, train: bool, two_views: bool = False,
                  augmentation: AugmentationConfig | None = None, seed: int | None = None, image_column: str = "image",
-                 id_column: str = "image_id", label_column: str = "label") -> None:
+                 id_column: str = "image_id", label_column: str = "label",
+                 encoded_metadata: "EncodedMetadata | None" = None) -> None:
         if two_views and not train:
             raise ValueError("two_views=True needs train=True: the second view is an augmentation")
         if getattr(processor.image_processor, "do_center_crop", False):
@@ -106,17 +108,29 @@ class SLIMPCollator:
         self.image_column, self.id_column, self.label_column = image_column, id_column, label_column
         self.seed = seed
         self.epoch = 0
+        self.encoded_metadata = encoded_metadata
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch mixed into the seeded augmentations (see the module docstring)."""
         self.epoch = epoch
 
+    @property
+    def row_columns(self) -> list[str]:
+        """The columns a batch must carry when the metadata comes from `encoded_metadata`."""
+        return [self.image_column, self.id_column, self.label_column, "patient_id"]
+
     def __call__(self, rows) -> BatchFeature:
         """`rows`: a list of row dicts, or the columns of a batch (a dict of columns, or the `pyarrow.Table` that
         `ColumnBatches` yields: the metadata then stays column arrays, with no per-row Python objects)."""
+        indices = rows.indices if isinstance(rows, ArrowBatch) else None
+        rows = rows.table if isinstance(rows, ArrowBatch) else rows
         images, ids, labels, metadata = self._columns(rows)
         pixels = np.stack([decode_image(image, image_id, self.size) for image, image_id in zip(images, ids)])
-        batch = BatchFeature(self.processor.encode_metadata(metadata))
+        if self.encoded_metadata is not None and indices is not None:
+            patients = rows.column("patient_id").to_pylist() if hasattr(rows, "column") else list(metadata["patient_id"])
+            batch = BatchFeature(self.encoded_metadata.batch(indices, patients))
+        else:
+            batch = BatchFeature(self.processor.encode_metadata(metadata))
         batch[PIXELS] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
         if labels is not None:
             batch["labels"] = labels
@@ -132,7 +146,7 @@ class SLIMPCollator:
             names = rows.column_names
             images = rows.column(self.image_column).to_pylist()
             ids = rows.column(self.id_column).to_pylist() if self.id_column in names else list(range(len(images)))
-            metadata = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in names if name != self.image_column}
+            metadata = rows.select([name for name in names if name != self.image_column])  # Arrow columns, encoded by Arrow
         elif isinstance(rows, Mapping):
             images = list(rows[self.image_column])
             ids = list(rows[self.id_column]) if self.id_column in rows else list(range(len(images)))
@@ -144,8 +158,11 @@ class SLIMPCollator:
             labels = [row.get(self.label_column) for row in rows]
             present = bool(rows) and all(label is not None for label in labels)
             return images, ids, torch.tensor([int(v) for v in labels], dtype=torch.long) if present else None, metadata
-        labels = metadata.get(self.label_column)
-        labels = [] if labels is None else (labels.tolist() if hasattr(labels, "tolist") else list(labels))
+        if hasattr(metadata, "column_names"):
+            labels = metadata.column(self.label_column).to_pylist() if self.label_column in metadata.column_names else []
+        else:
+            labels = metadata.get(self.label_column)
+            labels = [] if labels is None else (labels.tolist() if hasattr(labels, "tolist") else list(labels))
         if not labels or any(label is None for label in labels):
             return images, ids, None, metadata
         return images, ids, torch.tensor([int(label) for label in labels], dtype=torch.long), metadata
@@ -166,17 +183,27 @@ class SLIMPCollator:
         return torch.Generator().manual_seed(state)
 
 
+@dataclass
+class ArrowBatch:
+    """What `ColumnBatches` yields for a batch: the dataset positions of its rows and their columns."""
+
+    indices: list[int]
+    table: Any  # pyarrow.Table
+
+
 class ColumnBatches(torch.utils.data.Dataset):
-    """A `datasets.Dataset` whose batches reach the collator as one `pyarrow.Table` (its columns) instead of a
-    list of row dicts: `DataLoader` fetches a `batch_sampler`'s batch with `__getitems__`, and Arrow columns
-    become numpy arrays in C, so the metadata is encoded column-wise without per-value Python objects.
+    """A `datasets.Dataset` whose batches reach the collator as columns (an `ArrowBatch`: one `pyarrow.Table`)
+    instead of a list of row dicts: `DataLoader` fetches a `batch_sampler`'s batch with `__getitems__`, so
+    no per-value Python object is made. With `columns`, only those are read (e.g. the image, ids and label
+    when the metadata is pre-encoded with `EncodedMetadata`).
 
         loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=SLIMPCollator(...))
     """
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, columns: Sequence[str] | None = None) -> None:
         self.dataset = dataset
-        self.table = dataset.with_format("arrow")
+        view = dataset.select_columns([c for c in columns if c in dataset.column_names]) if columns else dataset
+        self.table = view.with_format("arrow")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -184,8 +211,37 @@ class ColumnBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.dataset[index]
 
-    def __getitems__(self, indices: Sequence[int]):
-        return self.table[list(indices)]
+    def __getitems__(self, indices: Sequence[int]) -> ArrowBatch:
+        indices = list(indices)
+        return ArrowBatch(indices, self.table[indices])
+
+
+class EncodedMetadata:
+    """A split's metadata encoded once (`SLIMPProcessor.encode_rows`, in chunks of `chunk_rows`), so that a
+    batch's metadata is a gather and a patient grouping (`batch`), whatever its size: the same tensors the
+    processor gives for those rows (tests/test_collate.py). About 0.2 KB per lesion for the ISIC 2024 schema.
+    Build it in the main process before the DataLoader starts; workers share it.
+
+        encoded = EncodedMetadata(processor, train_split)
+        collator = SLIMPCollator(processor, train=True, seed=0, encoded_metadata=encoded)
+        loader = DataLoader(ColumnBatches(train_split, columns=collator.row_columns), batch_sampler=..., collate_fn=collator)
+    """
+
+    def __init__(self, processor: SLIMPProcessor, dataset, chunk_rows: int = 65536) -> None:
+        self.processor = processor
+        table = dataset.with_format("arrow")
+        parts = [processor.encode_rows(table[start:start + chunk_rows]) for start in range(0, len(dataset), chunk_rows)]
+        self.rows = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
+        self.num_rows = len(dataset)
+
+    def batch(self, indices: Sequence[int], patient_ids: Sequence) -> dict[str, torch.Tensor]:
+        """The processor's five metadata tensors of the rows `indices` (dataset positions) of patients `patient_ids`."""
+        from modeling_slimp.schema_slimp import factorize
+
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        codes, patients = factorize([str(key) for key in patient_ids])
+        rows = {key: value.index_select(0, index) for key, value in self.rows.items()}
+        return self.processor.group_patients(rows, torch.as_tensor(codes, dtype=torch.long), len(patients))
 
 
 class BatchTransform:
@@ -211,4 +267,4 @@ class BatchTransform:
         return batch
 
 
-__all__ = ["SLIMPCollator", "ColumnBatches", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]
+__all__ = ["SLIMPCollator", "ColumnBatches", "ArrowBatch", "EncodedMetadata", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]
