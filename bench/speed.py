@@ -14,7 +14,8 @@ Sections (`--sections`, default all but `profile`):
   contrastive step), same lesions per step, alternating. Ratio = SLIMP step time / backbone step time,
   beside the ratio of their FLOPs (load-independent). On CUDA, also the host syncs of each step.
 - `inference`: embedding throughput under `torch.inference_mode` of the backbone alone, SLIMP
-  `get_image_features` and SLIMP `forward` (all features), alternating.
+  `get_image_features`, SLIMP `forward` (all features, no loss) and SLIMP `forward(return_loss=True)`
+  (what inference cost before the loss moved behind `return_loss`), alternating.
 - `memory`: one subprocess per contender; its peak RSS is reset once the model and batch are built
   (`bench._common.reset_peak_rss`), so peak - resident = what two steps need (activations, gradients,
   optimizer state); on CUDA `torch.cuda.max_memory_allocated`.
@@ -63,7 +64,8 @@ from training.data.sources import ISIC2024  # noqa: E402
 
 SECTIONS = ("train", "inference", "memory", "scaling", "profile")
 TRAIN_CONTENDERS = ("slimp", "backbone")
-INFERENCE_CONTENDERS = ("backbone", "slimp_image", "slimp_full")
+# slimp_full_with_loss: the forward pass as inference ran it before the loss moved behind return_loss=True.
+INFERENCE_CONTENDERS = ("backbone", "slimp_image", "slimp_full", "slimp_full_with_loss")
 
 
 @dataclass
@@ -247,6 +249,8 @@ def build_inference_step(name: str, config: SLIMPConfig, batch: dict, args: Spee
         with torch.inference_mode(), autocast(args):
             if name == "slimp_full":
                 return model(**batch)
+            if name == "slimp_full_with_loss":
+                return model(**batch, return_loss=True)
             return model.get_image_features(batch["pixel_values"])
 
     return step
@@ -320,6 +324,9 @@ def inference_section(args: SpeedArguments, model_size: str) -> dict:
     for name in ("slimp_image", "slimp_full"):
         result[f"{name}_over_backbone"] = ratio(times[name], times["backbone"])
         result[f"{name}_over_backbone"]["primary"] = primary_ratio(result[f"{name}_over_backbone"], args)
+    result["slimp_full_over_with_loss"] = ratio(times["slimp_full"], times["slimp_full_with_loss"])
+    result["slimp_full_over_with_loss"]["primary"] = primary_ratio(result["slimp_full_over_with_loss"], args)
+    result["inference_no_slower_than_before"] = result["slimp_full_over_with_loss"]["primary"] <= 1.0
     return result
 
 
@@ -579,6 +586,8 @@ def tables(result: dict) -> str:
                 [[name, t[name]["median_s"], t[name]["median_cpu_s"], t[name]["lesions_per_s"],
                   t[name]["median_cpu_s"] / t["backbone"]["median_cpu_s"], t[name]["median_s"] / t["backbone"]["median_s"]]
                  for name in INFERENCE_CONTENDERS]))
+            parts.append(ratio_line("Inference forward now / as before (with the loss)", t["slimp_full_over_with_loss"])
+                         + f"; no slower: {'yes' if t['inference_no_slower_than_before'] else 'NO'}")
         if "memory" in sections:
             m = sections["memory"]
             parts.append(f"\n## Peak memory, {model_size} ({m['train_slimp']['measure']}, MiB, one subprocess each)\n")

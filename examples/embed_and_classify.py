@@ -25,6 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor  # noqa: E402
+from modeling_slimp.schema_slimp import leaks_label  # noqa: E402
 
 
 def synthetic_lesion(seed: int) -> tuple[Image.Image, dict]:
@@ -33,8 +34,7 @@ def synthetic_lesion(seed: int) -> tuple[Image.Image, dict]:
 
     record = next(generate_records(1, seed=seed, image_size=64))
     image = Image.open(io.BytesIO(record.pop("image_bytes")))
-    leaks = ("target", "lesion_id", "iddx_full", "iddx_1", "mel_thick_mm")
-    return image, {key: value for key, value in record.items() if key not in leaks}
+    return image, {key: value for key, value in record.items() if not leaks_label(key)}
 
 
 def main(argv: list[str] | None = None) -> None:

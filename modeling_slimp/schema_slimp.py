@@ -47,6 +47,14 @@ ISIC2024_LESION_CATEGORICAL = {
 }
 ISIC2024_PATIENT_NUMERICAL = ("age_approx",)
 ISIC2024_PATIENT_CATEGORICAL = {"sex": ("female", "male")}
+# Every column of the Kaggle ISIC 2024 `train-metadata.csv`, in its order.
+ISIC2024_CSV_COLUMNS = (
+    (ISIC2024_ID_COLUMN, ISIC2024_LABEL_COLUMN, PATIENT_COLUMN, "age_approx", "sex", "anatom_site_general",
+     "clin_size_long_diam_mm", "image_type", "tbp_tile_type")
+    + TBP_LV_MEASUREMENTS[:19] + ("tbp_lv_location", "tbp_lv_location_simple") + TBP_LV_MEASUREMENTS[19:]
+    + (ISIC2024_DOMAIN_COLUMN, "copyright_license", "lesion_id", "iddx_full", "iddx_1", "iddx_2", "iddx_3", "iddx_4",
+       "iddx_5", "mel_mitotic_index", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence")
+)
 # fnmatch patterns of columns that leak the label (the diagnosis, its by-products, the lesion identity):
 # never model inputs, dropped by the converter.
 ISIC2024_NEVER_INPUT = ("target", "iddx_*", "mel_thick_mm", "mel_mitotic_index", "lesion_id")

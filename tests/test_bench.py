@@ -46,9 +46,10 @@ def test_speed_quick_runs_every_section_and_writes_ratios(tmp_path):
     assert isinstance(train["overhead_target_met"], bool)
 
     inference = tiny["inference"]
-    for name in ("backbone", "slimp_image", "slimp_full"):
+    for name in ("backbone", "slimp_image", "slimp_full", "slimp_full_with_loss"):
         assert positive(inference[name]["lesions_per_s"])
     assert positive(inference["slimp_full_over_backbone"]["primary"])
+    assert positive(inference["slimp_full_over_with_loss"]["primary"]) and isinstance(inference["inference_no_slower_than_before"], bool)
 
     memory = tiny["memory"]
     for name in ("train_slimp", "train_backbone", "infer_backbone", "infer_slimp_image", "infer_slimp_full"):

@@ -109,3 +109,24 @@ def test_default_config_is_the_release_architecture():
         model = SLIMPModel(config)
     vision_params = sum(p.numel() for p in model.vision_model.parameters())
     assert 21.0e6 < vision_params < 22.5e6, vision_params  # ViT-S/16: ~21.7M without the unused pooler
+
+
+def test_the_default_config_and_the_isic2024_converter_read_the_same_columns():
+    """One contract (`schema_slimp`): the release model's towers and the converter's ISIC 2024 spec name the
+    same features at the same level, no feature is a label-leaking column, and the synthetic generator
+    writes every one of them into its Kaggle-layout CSV."""
+    from modeling_slimp import schema_slimp as contract
+    from training.data.sources import ISIC2024
+    from training.data.synthetic import CSV_COLUMNS
+
+    config = SLIMPConfig()
+    lesion, patient = config.lesion_metadata_config, config.patient_metadata_config
+    assert tuple(lesion.numerical_features) == ISIC2024.lesion_numerical
+    assert tuple(lesion.categorical_features) == ISIC2024.lesion_categorical
+    assert tuple(patient.numerical_features) == ISIC2024.patient_numerical
+    assert tuple(patient.categorical_features) == ISIC2024.patient_categorical
+    assert "tbp_lv_location" in lesion.categorical_features
+    features = lesion.feature_names + patient.feature_names
+    assert not [f for f in features if contract.leaks_label(f)]
+    assert set(features) <= set(CSV_COLUMNS) <= set(contract.ISIC2024_CSV_COLUMNS)
+    assert len(contract.ISIC2024_CSV_COLUMNS) == len(set(contract.ISIC2024_CSV_COLUMNS)) == 55

@@ -448,3 +448,20 @@ def test_bfloat16_forward_on_cpu():
     classifier = build(SLIMPForLesionClassification).to(torch.bfloat16)
     logits = classifier(pixel_values=torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_an_inference_forward_never_runs_the_loss(monkeypatch):
+    """Embeddings and logits without `return_loss=True` do not touch the nested loss (as CLIP's forward)."""
+    from modeling_slimp.losses import NestedContrastiveLoss
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the loss ran during inference")
+
+    model = SLIMPModel(tiny_config()).eval()
+    batch = make_batch(model.config)
+    monkeypatch.setattr(NestedContrastiveLoss, "forward", forbidden)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.loss is None and out.logits_per_image is not None and out.logits_per_phenotype is not None
+    with pytest.raises(AssertionError, match="the loss ran"):
+        model(**batch, return_loss=True)

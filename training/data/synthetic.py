@@ -71,14 +71,10 @@ SYNTHETIC_LESION_CATEGORICAL = list(contract.ISIC2024_LESION_CATEGORICAL)
 SYNTHETIC_PATIENT_NUMERICAL = list(contract.ISIC2024_PATIENT_NUMERICAL)
 SYNTHETIC_PATIENT_CATEGORICAL = list(contract.ISIC2024_PATIENT_CATEGORICAL)
 
+# The release columns this generator does not fill (finer diagnoses, the mitotic index, the DNN confidence).
+NOT_GENERATED = ("iddx_2", "iddx_3", "iddx_4", "iddx_5", "mel_mitotic_index", "tbp_lv_dnn_lesion_confidence")
 # Column order of the Kaggle ISIC 2024 train-metadata.csv (the columns this generator fills).
-CSV_COLUMNS = (
-    ["isic_id", "target", "patient_id", "age_approx", "sex", "anatom_site_general",
-     "clin_size_long_diam_mm", "image_type", "tbp_tile_type"]
-    + TBP_MEASUREMENTS[:20] + ["tbp_lv_location", "tbp_lv_location_simple"] + TBP_MEASUREMENTS[20:]
-    + BODY_POSITION
-    + ["attribution", "copyright_license", "lesion_id", "iddx_full", "iddx_1", "mel_thick_mm"]
-)
+CSV_COLUMNS = [column for column in contract.ISIC2024_CSV_COLUMNS if column not in NOT_GENERATED]
 
 SITES = list(contract.ISIC2024_LESION_CATEGORICAL["anatom_site_general"])
 # Body-site shares (SITES order): naevi in men favour the trunk and back, in women the legs; keratoses
