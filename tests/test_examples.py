@@ -128,3 +128,13 @@ def test_retrieve_similar_lesions_ranks_the_index_by_cosine(synthetic):  # noqa:
         assert set(labels) <= {"benign", "malignant"}
         assert list(map(float, cosines)) == sorted(map(float, cosines), reverse=True) and float(cosines[0]) <= 1.0005
     assert "IP_" not in stdout, "no patient ids in the output"
+
+
+def test_trainer_finetune_trains_saves_and_scores_through_a_pipeline(synthetic, tmp_path):  # noqa: F811
+    output = tmp_path / "trainer"
+    stdout = run_example("trainer_finetune.py", "--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir,
+                         "--output_dir", str(output), "--max_steps", "2", "--patients_per_batch", "4")
+    assert f"saved to {output}; training loss" in stdout
+    assert (output / "model.safetensors").is_file() and (output / "processor_config.json").is_file()
+    scores = stdout.split("): ", 1)[1]
+    assert "'label': 'malignant'" in scores and "'label': 'benign'" in scores
