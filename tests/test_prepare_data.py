@@ -348,3 +348,20 @@ def test_synthetic_kaggle_layout_end_to_end(tmp_path):
                    "--output-dir", str(tmp_path / "direct")])
     assert direct["splits"] == summary["splits"] and read_schema(tmp_path / "direct")["source"] == "synthetic"
     assert sorted(load_all(tmp_path / "direct")["image_id"]) == sorted(load_all(tmp_path / "out")["image_id"])
+
+
+def test_hdf5_store_reads_the_same_bytes_across_its_periodic_reopen(tmp_path, monkeypatch):
+    from training.data.sources import Hdf5ImageStore, MissingImage
+
+    images = {f"ISIC_{i:03d}": jpeg(i) for i in range(7)}
+    (store,) = write_images(images, tmp_path / "train-image.hdf5")
+    monkeypatch.setattr(Hdf5ImageStore, "REOPEN_EVERY", 2)
+    with Hdf5ImageStore(store) as reader:
+        handles = []   # the handles themselves, so that no id is reused
+        for image_id, data in list(images.items()) * 2:   # 14 reads: 7 reopens
+            assert reader.read(image_id) == data
+            if not handles or handles[-1] is not reader._file:
+                handles.append(reader._file)
+        assert len(handles) == 8   # reopened every 2nd read, and reads went on from the new handle
+        with pytest.raises(MissingImage):
+            reader.read("ISIC_ABSENT")
