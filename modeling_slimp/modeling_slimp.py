@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
 from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context
 from .metadata_encoder import SLIMPFeatureTokenizer, SLIMPMetadataEncoder
 from .pooling import PatientSums, SLIMPAttentionPooling
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -430,7 +432,9 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
 
     Absent metadata is missing and, without `patient_index`, every lesion is its own patient, so
     `pipeline("image-classification")`, which passes only `pixel_values`, works and its path is affine
-    in the image feature (exportable to a built-in classifier). For a patient whose lesions do not fit
+    in the image feature (exportable to a built-in classifier). A head fitted on metadata or context is
+    not fitted for that path, so it then warns once (its model card scores it: "test, images only"). For
+    a patient whose lesions do not fit
     in one batch, compute `lesion_features` batch by batch, pool them with `pooling.PatientSums` and call
     `classify` (what the project's evaluation does), so the context covers all of the patient's lesions.
     """
@@ -441,6 +445,7 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         sizes = self.part_sizes()
         self.classifier = nn.Linear(sum(sizes[part] for part in self.parts), config.num_labels)
+        self._warned_images_only = False
         self.post_init()
 
     @property
@@ -527,6 +532,15 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         k accumulated batches give exactly the gradient of one batch k times larger. A batch without any
         labelled lesion has loss 0.
         """
+        if self.parts != ["image"] and not self._warned_images_only and all(value is None for value in (
+                lesion_numerical_values, lesion_categorical_ids, patient_numerical_values, patient_categorical_ids,
+                patient_index)):
+            self._warned_images_only = True  # once per model
+            logger.warning(
+                f"This classifier reads {self.config.classifier_features} but was given images only: every metadata "
+                "value is treated as missing and each lesion as its own patient, which is not what its head was fitted "
+                "on (its model card's 'test, images only' row scores this use). Pass metadata and patient_id through "
+                "the processor, or fine-tune with classifier_features='image' for image-only use.")
         features = self.lesion_features(pixel_values, lesion_numerical_values, lesion_categorical_ids,
                                         patient_numerical_values, patient_categorical_ids, patient_index)
         logits = self.classify(features, self.batch_context(features))  # (N, num_labels)

@@ -106,7 +106,7 @@ def test_lora_finetune_on_own_csv_writes_a_dataset_and_a_classifier(synthetic, t
 
     results = json.loads((output_dir / "results.json").read_text())
     assert results["mode"] == "lora" and results["model_args"]["merge"] is True
-    assert set(results["classification"]) == {"validation", "test"}
+    assert set(results["classification"]) == {"validation", "test", "test, images only"}  # the pipeline's use, scored
     model, info = AutoModelForImageClassification.from_pretrained(output_dir, trust_remote_code=True,
                                                                   output_loading_info=True)
     assert not info["missing_keys"] and model.config.id2label == {0: "benign", 1: "malignant"}

@@ -122,6 +122,58 @@ def test_results_hold_finite_metrics_for_validation_and_test(run):
         assert any("eval_auroc" in entry for entry in results["history"])
 
 
+def test_the_images_only_use_is_scored_in_the_card_as_pipeline_scores_it(synthetic, tmp_path, caplog):  # noqa: F811
+    """A head fitted on metadata + context gets images only from pipeline() and the widget: results.json and the
+    card score exactly that use (the pipeline's own probabilities on the test split), and the model warns."""
+    import logging
+
+    import numpy as np
+    from transformers.utils import logging as hf_logging
+
+    from training.release import IMAGES_ONLY_SPLIT
+
+    output_dir = tmp_path / "classifier"
+    result = finetune.main(["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir,
+                            "--output_dir", str(output_dir), "--mode", "linear", *TRAIN_FAST])
+    scores = json.loads((output_dir / "results.json").read_text())["classification"]
+    assert result["model"].config.classifier_features == "image+lesion+patient+context"
+    assert set(scores) == {"validation", "test", IMAGES_ONLY_SPLIT}
+    test, _ = load_slimp_dataset(synthetic.dataset_dir, "test")
+    classify = pipeline("image-classification", model=str(output_dir), trust_remote_code=True)
+    malignant = [next(x["score"] for x in classify(row["image"], top_k=None) if x["label"] == "malignant") for row in test]
+    labels = np.asarray(test["label"])
+    from sklearn.metrics import roc_auc_score
+    assert scores[IMAGES_ONLY_SPLIT]["auroc"] == pytest.approx(roc_auc_score(labels, malignant), abs=1e-6)
+    assert scores[IMAGES_ONLY_SPLIT]["auroc"] != pytest.approx(scores["test"]["auroc"], abs=1e-6)  # a different use
+    card = (output_dir / "README.md").read_text()
+    assert f"| {IMAGES_ONLY_SPLIT} | {scores[IMAGES_ONLY_SPLIT]['auroc']:.3f} |" in card and "**Images only.**" in card
+
+    hf_logging.enable_propagation()
+    model = SLIMPForLesionClassification.from_pretrained(output_dir).eval()
+    pixels = torch.zeros(2, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        model(pixel_values=pixels)
+        model(pixel_values=pixels)
+    warned = [r for r in caplog.records if "given images only" in r.getMessage()]
+    assert len(warned) == 1 and "classifier_features='image'" in warned[0].getMessage()  # once per model
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batch = lesion_batch(synthetic, output_dir)   # with metadata: no warning
+        SLIMPForLesionClassification.from_pretrained(output_dir).eval()(**batch)
+    assert "given images only" not in caplog.text
+    hf_logging.disable_propagation()
+
+
+def test_an_image_only_classifier_has_no_images_only_row(synthetic, tmp_path):  # noqa: F811
+    output_dir = tmp_path / "image-only"
+    finetune.main(["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir, "--output_dir",
+                   str(output_dir), "--mode", "linear", "--classifier_features", "image", *TRAIN_FAST])
+    scores = json.loads((output_dir / "results.json").read_text())["classification"]
+    assert set(scores) == {"validation", "test"}   # its test row already is the pipeline's use
+    assert "**Images only.**" not in (output_dir / "README.md").read_text()
+
+
 def test_checkpoints_stay_beside_the_release_folder(run):
     folder = run["output_dir"]
     assert not list(folder.glob("checkpoint-*")) and not (folder / "checkpoints").exists()

@@ -167,4 +167,19 @@ def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPC
     return logits, labels, extras
 
 
-__all__ = ["REPRESENTATIONS", "patient_batches", "context_of", "embed_split", "predict_split"]
+@torch.no_grad()
+def predict_images_only(model: SLIMPForLesionClassification, dataset, processor, batch_size: int = 64,
+                        image_column: str = "image", device: torch.device | str | None = None) -> np.ndarray:
+    """Logits (N, C) of a split as `pipeline("image-classification")` and the Hub widget compute them: the
+    images alone (every metadata value missing) and each lesion its own patient (no patient context)."""
+    model.eval()
+    device = torch.device(device) if device is not None else model.device
+    logits = []
+    for start in range(0, len(dataset), batch_size):
+        images = dataset[start:start + batch_size][image_column]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        logits.append(model(pixel_values=pixel_values).logits.float().cpu())
+    return torch.cat(logits).numpy() if logits else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+__all__ = ["REPRESENTATIONS", "patient_batches", "context_of", "embed_split", "predict_split", "predict_images_only"]

@@ -269,6 +269,10 @@ def main(args: ExportWidgetArguments | list[str] | None = None) -> float:
     if not isinstance(args, ExportWidgetArguments):
         (args,) = parse_dataclasses((ExportWidgetArguments,), args)
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir).eval()
+    if model.config.classifier_features != "image":
+        logger.warning("%s reads %s; the widget gets images only (metadata missing, no patient context), which its head "
+                       "was not fitted on: see the 'test, images only' row of its model card. For a widget, export a "
+                       "classifier fine-tuned with --classifier_features image.", args.model_dir, model.config.classifier_features)
     image_processor = AutoImageProcessor.from_pretrained(args.model_dir)
     card = card_metadata(args.model_dir)
     export_widget(model, args.output_dir, image_processor=image_processor, base_model=args.base_model or args.model_dir,

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 PROBE_FEATURE_SETS = ("image", "image+metadata", "image+metadata+context")
+# The results key of a classifier's test split scored from images alone (what pipeline() and the Hub widget see).
+IMAGES_ONLY_SPLIT = "test, images only"
 # Never uploaded with a release folder, even if a user put them there.
 PUSH_IGNORE = ["checkpoints/*", "checkpoint-*", "runs/*", "logs/*", "eval/*", "*.tfevents.*", "**/events.out.tfevents.*",
                "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "bank/*", "*.parquet"]
@@ -234,6 +236,12 @@ def _results_table(results: dict) -> str:
         lines += [f"| {s} | {m['auroc']:.3f} | {m['pauc_80tpr']:.4f} | {m.get('top15_sensitivity', float('nan')):.3f} | "
                   f"{m['balanced_accuracy']:.3f} |" for s, m in results["classification"].items()]
         lines.append("")
+        if IMAGES_ONLY_SPLIT in results["classification"]:
+            lines += [f"**Images only.** This classifier was fitted on metadata and the patient context. "
+                      f"`pipeline(\"image-classification\")` and the Hub widget give it images only (every metadata "
+                      f"value missing, each lesion its own patient): the `{IMAGES_ONLY_SPLIT}` row is what they score. "
+                      "Give it metadata and the patient's other lesions through the processor (below), or fine-tune "
+                      "an image-only classifier (`--classifier_features image`) for image-only use.", ""]
     if results.get("validation"):
         lines += ["Validation (retrieval recall@k and contrastive losses): " + ", ".join(
             f"{k.removeprefix('val/')} {v:.3f}" for k, v in results["validation"].items())]
