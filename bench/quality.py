@@ -1,9 +1,10 @@
 """Representation quality of SLIMP beside its baselines and the ISIC 2024 tabular recipe (SPEC section 5).
 
     python bench/quality.py                                      # the README numbers -> bench/results/quality/
-    python bench/quality.py --curve_steps 0 100 300 1000 --variants slimp_mean simclr --output_dir bench/results/curve
-    python bench/quality.py --variants slimp_mean --seeds 0 --extra_args "--exclude_features *ext* *Ext*" \\
-        --label no-ext --output_dir /tmp/ablation                # an ablation: any pretrain.py arguments
+    python bench/quality.py --curve_steps 0 100 300 1000 --variants slimp_mean simclr --anchors false \\
+        --label curve --output_dir bench/results/quality-curve  # the budget curve
+    python bench/quality.py --variants slimp_mean --seeds 0 --extra_args "--feature_dropout 0.3" \\
+        --label fd03 --output_dir /tmp/ablation                  # an ablation: any pretrain.py arguments
     python bench/quality.py --dataset_dir data/isic2024 --model_size small --max_steps 5000   # any converted dataset
     python bench/quality.py --quick --output_dir /tmp/quality-quick                          # seconds: the smoke test's run
 
@@ -18,6 +19,7 @@ resolution, learning-rate schedule and data (the train split only; pre-training 
 | `slimp_mean` | `--lesion_loss_weight 0.5 --patient_aggregation mean` | SLIMP as in the paper |
 | `slimp_attention` | `--lesion_loss_weight 0.5 --patient_aggregation attention` | SLIMP with gated attention pooling |
 | `slimp_ssl` | `--lesion_loss_weight 0.5 --image_ssl_weight 0.3` | SLIMP + image self-supervision |
+| `slimp_noext` | `--lesion_loss_weight 0.5 --exclude_features` the `*ext` colour columns | SLIMP without the colour of the surrounding skin (a shortcut: the image background shows it) |
 
 Evaluation of each checkpoint (`training/embeddings.py` once per split, `training/evaluate.py` protocol):
 logistic-regression probes on the frozen features of the train split (L2 strength picked on the validation

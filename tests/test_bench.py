@@ -122,3 +122,25 @@ def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp
     assert list(work.iterdir()) == []  # everything it wrote is gone (no --keep)
     for table in ("| rows |", "Metadata encoding", "One loader worker", "Release architecture"):
         assert table in process.stderr, table
+
+
+def test_augmentation_parity_trains_the_old_and_the_new_image_path_and_compares_them(tmp_path):
+    """bench/augmentation_parity.py on 24 patients, 2 steps: both runs train (the `before` one on the old PIL
+    pixels, so its weights differ from `now`'s), both are evaluated, and the differences are now − before."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO))
+    from bench import augmentation_parity
+
+    result = augmentation_parity.main(["--work_dir", str(tmp_path), "--patients", "24", "--max_steps", "2",
+                                       "--output", str(tmp_path / "parity.json")])
+    assert json.loads((tmp_path / "parity.json").read_text())["now_minus_before"] == result["now_minus_before"]
+    before, now = result["runs"]["before"], result["runs"]["now"]
+    for key, difference in result["now_minus_before"].items():
+        assert math.isfinite(before[key]) and math.isfinite(now[key])
+        assert difference == pytest.approx(now[key] - before[key])
+    weights = {name: load_file(tmp_path / f"{name}-seed0" / "model.safetensors") for name in ("before", "now")}
+    image_tower = [key for key in weights["now"] if key.startswith("vision_model.")]
+    assert image_tower and any(not torch.equal(weights["before"][key], weights["now"][key]) for key in image_tower)
+
