@@ -539,8 +539,8 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
             logger.warning(
                 f"This classifier reads {self.config.classifier_features} but was given images only: every metadata "
                 "value is treated as missing and each lesion as its own patient, which is not what its head was fitted "
-                "on (its model card's 'test, images only' row scores this use). Pass metadata and patient_id through "
-                "the processor, or fine-tune with classifier_features='image' for image-only use.")
+                "on (training/finetune.py scores this use in the 'test, images only' row of its card). Pass metadata "
+                "and patient_id through the processor, or fine-tune with classifier_features='image' for image-only use.")
         features = self.lesion_features(pixel_values, lesion_numerical_values, lesion_categorical_ids,
                                         patient_numerical_values, patient_categorical_ids, patient_index)
         logits = self.classify(features, self.batch_context(features))  # (N, num_labels)
