@@ -133,11 +133,17 @@ def test_undecodable_image_names_its_image_id(processor):
     assert SLIMPCollator(processor, train=False)(rows)["pixels"].shape == (2, 3, *SIZE)
 
 
-def test_dataloader_with_workers_and_patient_sampler(processor):
+PATIENTS = ["IP_A"] * 5 + ["IP_B"] * 2 + ["IP_C"] * 3 + ["IP_D"]
+
+
+def small_rows() -> list[dict]:
+    """11 rows of 4 patients (5, 2, 3 and 1 lesions), images as PNG bytes."""
+    return [make_row(i, p, image={"bytes": png_bytes(lesion_image(i)), "path": None}) for i, p in enumerate(PATIENTS)]
+
+
+def dataset_of(rows: list[dict]):
+    """`rows` as a `datasets.Dataset` with the converter's feature types."""
     datasets = pytest.importorskip("datasets")
-    patients = ["IP_A"] * 5 + ["IP_B"] * 2 + ["IP_C"] * 3 + ["IP_D"]
-    rows = [make_row(i, p, image={"bytes": png_bytes(lesion_image(i)), "path": None}) for i, p in enumerate(patients)]
-    columns = {key: [row[key] for row in rows] for key in rows[0]}
     features = datasets.Features({
         "image": datasets.Image(), "image_id": datasets.Value("string"),
         "patient_id": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b", "c"]),
@@ -145,7 +151,12 @@ def test_dataloader_with_workers_and_patient_sampler(processor):
         "anatom_site_general": datasets.Value("string"), "age_approx": datasets.Value("float64"),
         "sex": datasets.Value("string"),
     })
-    dataset = datasets.Dataset.from_dict(columns, features=features)
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]}, features=features)
+
+
+def test_dataloader_with_workers_and_patient_sampler(processor):
+    patients = PATIENTS
+    dataset = dataset_of(small_rows())
     sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
 
     def run() -> list:
@@ -167,19 +178,10 @@ def test_dataloader_with_workers_and_patient_sampler(processor):
 
 
 def small_dataset():
-    datasets = pytest.importorskip("datasets")
-    patients = ["IP_A"] * 5 + ["IP_B"] * 2 + ["IP_C"] * 3 + ["IP_D"]
-    rows = [make_row(i, p, image={"bytes": png_bytes(lesion_image(i)), "path": None}) for i, p in enumerate(patients)]
+    rows = small_rows()
     rows[3]["clin_size_long_diam_mm"] = None  # a missing number and a missing category travel as Arrow nulls
     rows[4]["sex"] = None
-    features = datasets.Features({
-        "image": datasets.Image(), "image_id": datasets.Value("string"),
-        "patient_id": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b", "c"]),
-        "clin_size_long_diam_mm": datasets.Value("float64"), "tbp_lv_areaMM2": datasets.Value("float64"),
-        "anatom_site_general": datasets.Value("string"), "age_approx": datasets.Value("float64"),
-        "sex": datasets.Value("string"),
-    })
-    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]}, features=features)
+    return dataset_of(rows)
 
 
 @pytest.mark.parametrize("train", [False, True])
