@@ -130,7 +130,7 @@ def _number_array(values: Sequence) -> tuple[np.ndarray, list]:
         values = array if array.dtype.kind in "biuf" else array.astype(object)
     if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
         return values.astype(np.float64), []
-    listed = values.tolist() if hasattr(values, "tolist") else list(values)
+    listed = _as_list(values)
     if _all_numbers(listed):
         return np.array([math.nan if value is None else value for value in listed], dtype=np.float64), []
     parsed, invalid = [], []
@@ -275,7 +275,7 @@ class SLIMPProcessor(ProcessorMixin):
         self.config = config
         self.unknown_categories: Counter = Counter()
         self.invalid_numbers: Counter = Counter()
-        self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> {raw value: (id, present, category)}
+        self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> `_category_codes` cache: codes, unknown
         self._warned_absent: set[str] = set()
 
     @property
