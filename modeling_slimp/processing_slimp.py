@@ -18,7 +18,6 @@ value), never value by value; missing values and category spellings follow `sche
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from collections import Counter
@@ -31,7 +30,9 @@ from torch.utils.data import Dataset
 from transformers import AutoImageProcessor, BatchFeature, ProcessorMixin, ViTImageProcessorPil
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
-from .schema_slimp import PATIENT_COLUMN, as_category, factorize, is_missing, near_equal_chunks, parse_number, rows_by_patient
+from .metadata_columns import arrow_dictionary, as_columns, as_list, category_codes, hashable, large_arrow, number_array, row_count
+from .schema_slimp import (MIN_PATIENTS_PER_VALUE, PATIENT_COLUMN, as_category, category_key, factorize, is_missing,
+                           is_missing_id, near_equal_chunks, parse_number, rows_by_patient)
 
 logger = logging.getLogger(__name__)
 
@@ -83,147 +84,6 @@ def _image_list(images: Any) -> list:
     return list(images)
 
 
-# ----- metadata columns -----
-def _columns(metadata: Any, needed: Iterable[str] | None = None) -> dict[str, Any]:
-    """Rows as columns: a pandas DataFrame, a pyarrow Table, a dict of lists (a `datasets` batch) or a list of
-    dicts. For a DataFrame or Table only the `needed` columns (default all) are taken."""
-    if hasattr(metadata, "columns") and hasattr(metadata, "iloc"):  # pandas.DataFrame: keep its column arrays
-        names = [name for name in metadata.columns if needed is None or str(name) in needed]
-        return {str(name): metadata[name].to_numpy() for name in names}
-    if hasattr(metadata, "column_names") and hasattr(metadata, "column"):  # a pyarrow Table: columns stay Arrow
-        names = metadata.column_names if needed is None else [name for name in metadata.column_names if name in needed]
-        return {str(name): metadata.column(name) for name in names}
-    if isinstance(metadata, Mapping):
-        return {str(key): value for key, value in metadata.items()}
-    rows = list(metadata)
-    if not rows:
-        return {}
-    first = rows[0].keys()
-    if all(row.keys() == first for row in rows):  # the usual case: every row has the same columns
-        return {key: [row[key] for row in rows] for key in first}
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    return {key: [row.get(key) for row in rows] for key in keys}
-
-
-def _num_rows(columns: Mapping[str, Any]) -> int:
-    lengths = {name: len(values) for name, values in columns.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"metadata columns differ in length: {lengths}")
-    return next(iter(lengths.values()), 0)
-
-
-def _numbers(values: Sequence) -> tuple[torch.Tensor, list]:
-    """A column -> ((N,) float32 tensor, NaN = missing or unparseable; the unparseable raw values)."""
-    numbers, invalid = _number_array(values)
-    with np.errstate(invalid="ignore"):
-        numbers[~np.isfinite(numbers)] = np.nan
-    return torch.from_numpy(numbers.astype(np.float32)), invalid
-
-
-def _number_array(values: Sequence) -> tuple[np.ndarray, list]:
-    """A column -> ((N,) float64 array, non-finite = missing; the unparseable raw values).
-
-    A column of numbers (a numeric array, or numbers and None) is converted in one C-level call; text is
-    parsed value by value with the contract's rules (`parse_number`)."""
-    if _is_arrow(values):
-        array = values.to_numpy(zero_copy_only=False)  # numbers: C-level, nulls as NaN; text: objects
-        values = array if array.dtype.kind in "biuf" else array.astype(object)
-    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
-        return values.astype(np.float64), []
-    listed = _as_list(values)
-    if _all_numbers(listed):
-        return np.array([math.nan if value is None else value for value in listed], dtype=np.float64), []
-    parsed, invalid = [], []
-    for value in listed:
-        number, ok = parse_number(value)
-        parsed.append(number)
-        if not ok:
-            invalid.append(value)
-    return np.asarray(parsed, dtype=np.float64), invalid
-
-
-def _all_numbers(values) -> bool:
-    """True when every value is a number (bool, int, float, numpy scalar) or None."""
-    return all(value is None or isinstance(value, (int, float, np.number, np.bool_)) for value in values)
-
-
-def _category_codes(values: Sequence, vocabulary: Sequence[str], cache: dict) -> torch.Tensor:
-    """A column -> (N,) long codes: the category's id (1 ..) when it is in `vocabulary`, -1 when the value is
-    missing, and -2 - k for the k-th unknown category (`cache["unknown"][k]` names it).
-
-    Each distinct raw value is cleaned once (`as_category`) and remembered in `cache` for later calls;
-    rows are then dictionary lookups (for a large Arrow column, an index into Arrow's distinct values)."""
-    codes = cache.setdefault("codes", {})
-    if _large_arrow(values):  # Arrow finds the distinct values; only those are cleaned and looked up
-        indices, distinct_values = _arrow_dictionary(values)
-        lookup = np.asarray([_code(value, vocabulary, cache) for value in distinct_values] + [-1], dtype=np.int64)
-        return torch.from_numpy(lookup[indices])
-    values = _as_list(values)
-    try:
-        distinct = set(values)
-    except TypeError:  # an unhashable value (a list, a dict): compare its text
-        values = [_hashable(value) for value in values]
-        distinct = set(values)
-    if len(codes) + len(distinct) > _CATEGORY_CACHE_SIZE:  # free text: do not grow without bound
-        codes.clear()
-    for value in distinct.difference(codes):
-        _code(value, vocabulary, cache)
-    return torch.from_numpy(np.fromiter(map(codes.__getitem__, values), dtype=np.int64, count=len(values)))
-
-
-_CATEGORY_CACHE_SIZE = 50_000  # distinct raw values remembered per categorical feature
-
-
-def _code(value: Any, vocabulary: Sequence[str], cache: dict) -> int:
-    """The cached code of one distinct raw value (see `_category_codes`), cleaning it on first sight."""
-    codes, unknown = cache.setdefault("codes", {}), cache.setdefault("unknown", [])
-    if value not in codes:
-        category = as_category(value)
-        if category is None:
-            codes[value] = -1
-        elif category in vocabulary:
-            codes[value] = vocabulary.index(category) + 1
-        else:
-            if category not in unknown:
-                unknown.append(category)
-            codes[value] = -2 - unknown.index(category)
-    return codes[value]
-
-
-def _is_arrow(values: Any) -> bool:
-    """A pyarrow Array or ChunkedArray (recognised by its methods: pyarrow is not imported here)."""
-    return hasattr(values, "dictionary_encode") and hasattr(values, "to_pylist")
-
-
-# Below this many rows, Python sets and dicts over `to_pylist()` beat Arrow's per-call dispatch cost.
-_ARROW_DICTIONARY_ROWS = 2048
-
-
-def _large_arrow(values: Any) -> bool:
-    return _is_arrow(values) and len(values) >= _ARROW_DICTIONARY_ROWS
-
-
-def _as_list(values: Any) -> list:
-    if _is_arrow(values):
-        return values.to_pylist()
-    return values.tolist() if hasattr(values, "tolist") else list(values)
-
-
-def _arrow_dictionary(values: Any) -> tuple[np.ndarray, list]:
-    """An Arrow column -> ((N,) int64 index of each row's value among the distinct values, -1 for null; the
-    distinct values in order of first appearance), computed by Arrow in C (`dictionary_encode`)."""
-    array = values.combine_chunks() if hasattr(values, "combine_chunks") else values
-    encoded = array.dictionary_encode()
-    indices = encoded.indices.to_numpy(zero_copy_only=False)  # nulls (if any) come back as NaN
-    if encoded.indices.null_count:
-        indices = np.where(np.isnan(indices), -1, indices)
-    return indices.astype(np.int64), encoded.dictionary.to_pylist()
-
-
-def _hashable(value: Any) -> Any:
-    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
-
-
 def _first_present(present: torch.Tensor, patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
     """`present` (N,) or (N, F) bool -> (P,) or (P, F): the row of each patient's first present value, or -1
     when the patient has none."""
@@ -261,9 +121,11 @@ class SLIMPProcessor(ProcessorMixin):
     torch tensors, encoded bytes, paths, or a list / `datasets` column of those; rows a pandas DataFrame,
     a dict of columns or a list of dicts. `metadata=None` gives `pixel_values` only.
 
-    Unknown categories map to 0 and are counted in `unknown_categories` (a Counter of (feature, value));
-    present values that are not numbers become NaN and are counted in `invalid_numbers`.
-    `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns this class.
+    Categories are compared case- and space-insensitively (`Male`, ` MALE ` and `male` are the vocabulary's
+    `male`). Unknown categories map to 0 and are counted in `unknown_categories` (a Counter of (feature,
+    value)); present values that are not usable numbers (text, ±inf, beyond ±3.4e38) become NaN and are
+    counted in `invalid_numbers`. A `patient_id` is missing only when None, NaN or blank: any text, `NA`
+    included, is an id. `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns this class.
     """
 
     def __init__(self, image_processor=None, config: SLIMPConfig | None = None, **kwargs):
@@ -275,7 +137,7 @@ class SLIMPProcessor(ProcessorMixin):
         self.config = config
         self.unknown_categories: Counter = Counter()
         self.invalid_numbers: Counter = Counter()
-        self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> `_category_codes` cache: codes, unknown
+        self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> `category_codes` cache
         self._warned_absent: set[str] = set()
 
     @property
@@ -314,7 +176,7 @@ class SLIMPProcessor(ProcessorMixin):
         self.image_processor.save_pretrained(save_directory)
         # The code travels with the folder, as the model's does, for users without this package.
         here = os.path.dirname(os.path.abspath(__file__))
-        for name in ("processing_slimp.py", "configuration_slimp.py", "schema_slimp.py"):
+        for name in ("processing_slimp.py", "metadata_columns.py", "configuration_slimp.py", "schema_slimp.py"):
             shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
         if not os.path.exists(config_file):
             self.config.save_pretrained(save_directory)
@@ -384,7 +246,7 @@ class SLIMPProcessor(ProcessorMixin):
         """Raw rows (DataFrame, pyarrow Table, dict of columns, list of dicts) -> the metadata tensors and
         `patient_index`: `encode_rows`, then `group_patients`."""
         columns = self._schema_columns(metadata)
-        num_rows = _num_rows(columns) if columns else _num_rows(_columns(metadata))
+        num_rows = row_count(columns) if columns else row_count(as_columns(metadata))
         self.check_columns(columns)
         patient_index, num_patients = self._patient_index(columns, num_rows)
         return self.group_patients(self._encode_rows(columns, num_rows), patient_index, num_patients)
@@ -397,7 +259,7 @@ class SLIMPProcessor(ProcessorMixin):
         encoded once and its rows gathered per batch (`group_patients`): the encoding of a row depends only
         on that row. Unparseable numbers are counted in `invalid_numbers` here."""
         columns = self._schema_columns(metadata)
-        num_rows = _num_rows(columns) if columns else _num_rows(_columns(metadata))
+        num_rows = row_count(columns) if columns else row_count(as_columns(metadata))
         self.check_columns(columns)
         return self._encode_rows(columns, num_rows)
 
@@ -432,7 +294,7 @@ class SLIMPProcessor(ProcessorMixin):
 
     def _schema_columns(self, metadata) -> dict[str, Any]:
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
-        return _columns(metadata, {PATIENT_COLUMN, *lesion.feature_names, *patient.feature_names})
+        return as_columns(metadata, {PATIENT_COLUMN, *lesion.feature_names, *patient.feature_names})
 
     def _encode_rows(self, columns: dict[str, Any], num_rows: int) -> dict[str, torch.Tensor]:
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
@@ -472,20 +334,20 @@ class SLIMPProcessor(ProcessorMixin):
         if PATIENT_COLUMN not in columns:
             return torch.arange(num_rows), num_rows
         keys = columns[PATIENT_COLUMN]
-        if _large_arrow(keys):  # Arrow numbers the distinct ids in order of first appearance, as `factorize`
-            indices, distinct = _arrow_dictionary(keys)
-            bad = {code for code, key in enumerate(distinct) if is_missing(key)} | ({-1} if (indices < 0).any() else set())
+        if large_arrow(keys):  # Arrow numbers the distinct ids in order of first appearance, as `factorize`
+            indices, distinct = arrow_dictionary(keys)
+            bad = {code for code, key in enumerate(distinct) if is_missing_id(key)} | ({-1} if (indices < 0).any() else set())
             if bad:
                 row = int(np.flatnonzero(np.isin(indices, list(bad)))[0])
                 raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
             return torch.from_numpy(indices), len(distinct)
-        keys = _as_list(keys)
+        keys = as_list(keys)
         try:
             distinct = set(keys)
         except TypeError:
-            keys = [_hashable(key) for key in keys]
+            keys = [hashable(key) for key in keys]
             distinct = set(keys)
-        missing = {key for key in distinct if is_missing(key)}  # each distinct key checked once
+        missing = {key for key in distinct if is_missing_id(key)}  # each distinct key checked once
         if missing:
             row = next(row for row, key in enumerate(keys) if key in missing)
             raise ValueError(f"metadata row {row}: '{PATIENT_COLUMN}' is missing; every lesion needs its patient.")
@@ -501,7 +363,7 @@ class SLIMPProcessor(ProcessorMixin):
         block = np.full((num_rows, len(numerical_features)), np.nan)
         for j, feature in enumerate(numerical_features):
             if feature in columns:
-                block[:, j], invalid = _number_array(columns[feature])
+                block[:, j], invalid = number_array(columns[feature])
                 if invalid:
                     self.invalid_numbers.update((feature, str(value)) for value in invalid)
         with np.errstate(invalid="ignore"):
@@ -511,7 +373,7 @@ class SLIMPProcessor(ProcessorMixin):
         for j, (feature, vocabulary) in enumerate(categorical_features.items()):
             if feature in columns:
                 cache = self._category_cache.setdefault((feature, tuple(vocabulary)), {})
-                codes[:, j] = _category_codes(columns[feature], vocabulary, cache)
+                codes[:, j] = category_codes(columns[feature], vocabulary, cache)
         return torch.from_numpy(block.astype(np.float32)), codes
 
     # ----- schema fitting -----
@@ -525,30 +387,46 @@ class SLIMPProcessor(ProcessorMixin):
         min_category_count: int = 1,
         lesion_tower: Mapping[str, Any] | None = None,
         patient_tower: Mapping[str, Any] | None = None,
+        min_patients: int = MIN_PATIENTS_PER_VALUE,
     ) -> tuple[SLIMPMetadataConfig, SLIMPMetadataConfig]:
         """Fit the lesion and patient schemas on training rows (a DataFrame, dict of columns or list of dicts).
 
-        Numerical features get the mean and std of their present values (lesion features over lesions,
-        patient features over patients, one value per patient); categorical features get the categories
-        seen at least `min_category_count` times, most frequent first. A feature with no usable value is
-        left out, with a warning. `lesion_tower` / `patient_tower` hold tower sizes (hidden_size,
-        num_hidden_layers, ...). Returns `(lesion_config, patient_config)`.
+        Numerical features get the mean and std of their usable values (lesion features over lesions,
+        patient features over patients, one value per patient); categorical features get their categories,
+        most frequent first (spellings compared by `category_key`; the most frequent spelling is kept).
+
+        Nothing fitted describes fewer than `min_patients` patients (k, 5 by default: the schema is stored
+        in every checkpoint): a category is kept only when at least k distinct patients have it (and it is
+        seen at least `min_category_count` times), and a numerical feature gets statistics only when at
+        least k distinct patients have a usable value of it. What falls short is left out of the schema,
+        with a warning listing it; rows from fewer than k patients are a ValueError. Without a `patient_id`
+        column each row counts as its own patient. A present value that is not a usable number (text, ±inf,
+        beyond ±3.4e38) is read as missing, with a warning naming its row and column.
+        `lesion_tower` / `patient_tower` hold tower sizes (hidden_size, num_hidden_layers, ...).
+        Returns `(lesion_config, patient_config)`.
         """
-        columns = _columns(metadata)
-        num_rows = _num_rows(columns)
+        columns = as_columns(metadata)
+        num_rows = row_count(columns)
         wanted = [*lesion_numerical, *lesion_categorical, *patient_numerical, *patient_categorical]
         missing = [c for c in wanted if c not in columns]
         if missing:
             raise ValueError(f"fit_metadata_schema: metadata has no column(s) {missing}; columns are {sorted(columns)}.")
         keys = [str(k) for k in columns[PATIENT_COLUMN]] if PATIENT_COLUMN in columns else list(range(num_rows))
-        groups = rows_by_patient(keys)
-        patient_columns = {}  # one value per patient: the first present one among its rows
+        codes, patients = factorize(keys)
+        if len(patients) < min_patients:
+            raise ValueError(f"fit_metadata_schema: the training rows come from {len(patients)} patient(s), fewer than "
+                             f"min_patients={min_patients}: every statistic and category fitted on them would describe "
+                             "individual patients, and the schema is stored in every checkpoint. Fit on more patients.")
+        patient_columns, patient_rows = {}, {}  # one value per patient: the first present one among its rows
         for feature in [*patient_numerical, *patient_categorical]:
-            raw = columns[feature]
-            values = _as_list(raw)
-            patient_columns[feature] = [next((values[r] for r in rows if not is_missing(values[r])), None) for rows in groups]
-        lesion = _fit_tower(columns, list(lesion_numerical), list(lesion_categorical), min_category_count, lesion_tower)
-        patient = _fit_tower(patient_columns, list(patient_numerical), list(patient_categorical), min_category_count, patient_tower)
+            values = as_list(columns[feature])
+            first = [next((r for r in rows if not is_missing(values[r])), None) for rows in rows_by_patient(keys)]
+            patient_columns[feature] = [None if r is None else values[r] for r in first]
+            patient_rows[feature] = first
+        fit = _TowerFit(min_patients, min_category_count)
+        lesion = fit(columns, np.asarray(codes), list(lesion_numerical), list(lesion_categorical), lesion_tower, "lesion")
+        patient = fit(patient_columns, np.arange(len(patients)), list(patient_numerical), list(patient_categorical),
+                      patient_tower, "patient", patient_rows)
         return lesion, patient
 
 
@@ -556,38 +434,74 @@ def _schema(config: SLIMPMetadataConfig) -> tuple:
     return (config.numerical_features, config.categorical_features, config.numerical_mean, config.numerical_std)
 
 
-def _fit_tower(columns: dict[str, Any], numerical: list[str], categorical: list[str], min_count: int,
-               tower: Mapping[str, Any] | None) -> SLIMPMetadataConfig:
-    """A feature with no present value in the training rows carries nothing to learn: it is left out
-    of the schema, with a warning, rather than failing the fit (a column full of NaN is common)."""
-    kept_numerical, means, stds, empty = [], [], [], []
-    for feature in numerical:
-        values, _ = _numbers(columns[feature])
-        present = values[~torch.isnan(values)].double()
-        if len(present) == 0:
-            empty.append(feature)
-            continue
-        std = float(present.std(unbiased=False)) if len(present) > 1 else 1.0
-        kept_numerical.append(feature)
-        means.append(float(present.mean()))
-        stds.append(std if std > 1e-12 else 1.0)
-    vocabularies = {}
-    for feature in categorical:
-        raw = columns[feature]
-        counts = Counter(as_category(v) for v in _as_list(raw))
-        counts.pop(None, None)
-        kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
-        if kept:
-            vocabularies[feature] = kept
-        else:
-            empty.append(feature)
-    if empty:
-        logger.warning("fit_metadata_schema: no usable value (or no category seen %d+ times) in %s: left out of the schema.",
-                       min_count, ", ".join(empty))
-    return SLIMPMetadataConfig(
-        numerical_features=kept_numerical, categorical_features=vocabularies, numerical_mean=means, numerical_std=stds,
-        **dict(tower or {}),
-    )
+class _TowerFit:
+    """One tower's schema from its columns and each entry's patient (`fit_metadata_schema`'s rules).
+
+    A feature with no usable value, or fewer than `min_patients` patients with one, is left out of the
+    schema with a warning rather than failing the fit (a column full of NaN is common)."""
+
+    def __init__(self, min_patients: int, min_count: int):
+        self.min_patients, self.min_count = min_patients, min_count
+
+    def __call__(self, columns: dict[str, Any], patient_of: np.ndarray, numerical: list[str], categorical: list[str],
+                 tower: Mapping[str, Any] | None, level: str, rows_of: dict[str, list] | None = None) -> SLIMPMetadataConfig:
+        kept_numerical, means, stds, left_out = [], [], [], []
+        for feature in numerical:
+            values, invalid = number_array(columns[feature])
+            if invalid:
+                self._warn_unusable(level, feature, columns[feature], invalid, (rows_of or {}).get(feature))
+            usable = ~np.isnan(values)
+            patients = len(np.unique(patient_of[usable]))
+            if patients < self.min_patients:
+                left_out.append(f"{feature} (usable values from {patients} patient(s))")
+                continue
+            present = values[usable].astype(np.float32).astype(np.float64)  # as the model will read them
+            std = float(present.std()) if len(present) > 1 else 1.0
+            kept_numerical.append(feature)
+            means.append(float(present.mean()))
+            stds.append(std if std > 1e-12 else 1.0)
+        vocabularies = {}
+        for feature in categorical:
+            kept, dropped = self._vocabulary(as_list(columns[feature]), patient_of)
+            if dropped:
+                left_out.append(f"{feature} categories {dropped}")
+            if kept:
+                vocabularies[feature] = kept
+            elif not dropped:
+                left_out.append(f"{feature} (no value)")
+            else:
+                left_out.append(f"{feature} (no category left)")
+        if left_out:
+            logger.warning("fit_metadata_schema (%s): left out of the schema, each needs values from %d+ distinct patients "
+                           "(and categories %d+ rows): %s", level, self.min_patients, self.min_count, "; ".join(left_out))
+        return SLIMPMetadataConfig(numerical_features=kept_numerical, categorical_features=vocabularies,
+                                   numerical_mean=means, numerical_std=stds, **dict(tower or {}))
+
+    def _vocabulary(self, values: list, patient_of: np.ndarray) -> tuple[list[str], list[str]]:
+        """(kept categories, most frequent first, ties alphabetical; dropped ones) of one column."""
+        rows: Counter = Counter()
+        spellings: dict[str, Counter] = {}
+        patients: dict[str, set] = {}
+        for value, patient in zip(values, patient_of.tolist()):
+            key = category_key(value)
+            if key is None:
+                continue
+            rows[key] += 1
+            spellings.setdefault(key, Counter())[as_category(value)] += 1
+            patients.setdefault(key, set()).add(patient)
+        name = {key: min(counts, key=lambda s: (-counts[s], s)) for key, counts in spellings.items()}
+        kept = {key for key in rows if rows[key] >= self.min_count and len(patients[key]) >= self.min_patients}
+        dropped = sorted(name[key] for key in rows if key not in kept)
+        return sorted((name[key] for key in kept), key=lambda c: (-rows[category_key(c)], c)), dropped
+
+    @staticmethod
+    def _warn_unusable(level: str, feature: str, raw, invalid: list, rows: list | None) -> None:
+        values = as_list(raw)
+        position = next(i for i, value in enumerate(values) if not parse_number(value)[1])
+        row = rows[position] if rows is not None else position
+        logger.warning("fit_metadata_schema (%s): %d value(s) of %r are not usable numbers (text, inf, or beyond "
+                       "±3.4e38), read as missing; the first in row %d: %r", level, len(invalid), feature, row,
+                       values[position])
 
 
 # ----- batches for transformers.Trainer -----

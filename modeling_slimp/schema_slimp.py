@@ -63,6 +63,14 @@ ISIC2024_NEVER_INPUT = ("target", "iddx_*", "mel_thick_mm", "mel_mitotic_index",
 # Spellings of "no value", compared after stripping and lower-casing; NaN, ±inf (numbers) and None too.
 MISSING_STRINGS = frozenset({"", "nan", "none", "null", "na", "n/a", "#n/a", "<na>", "unk", "unknown"})
 _INTEGER_TEXT = re.compile(r"^[+-]?\d+\.0*$")
+# The largest magnitude a numerical input may have: the model computes in float32, where a larger value is
+# inf (and a mean over such values overflows). A value beyond it is present but unusable: read as missing
+# and counted, never stored or fitted.
+FLOAT32_MAX = 3.4028234663852886e38
+# k: a category enters a fitted vocabulary, and a numerical feature gets fitted statistics, only when at
+# least this many distinct patients of the training rows have it, so that no checkpoint describes one
+# patient (a rare body site, one patient's age as "the mean"). A train split with fewer patients is refused.
+MIN_PATIENTS_PER_VALUE = 5
 
 
 def is_missing(value: Any) -> bool:
@@ -79,9 +87,20 @@ def is_missing(value: Any) -> bool:
         return False
 
 
+def is_missing_id(value: Any) -> bool:
+    """True when an id (`patient_id`, an image id) is absent: None, NaN or blank text. Any other text is an
+    id, including spellings that mean "missing" in a feature column (`NA` can be someone's initials)."""
+    if value is None:
+        return True
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f"):
+        return math.isnan(float(value))
+    return isinstance(value, str) and not value.strip()
+
+
 def as_category(value: Any) -> str | None:
     """The category string of a raw value, None when missing. Integer-valued numbers and their text
-    become the integer's text, so 1, 1.0 and "1.0" are all the category "1"; other text is stripped."""
+    become the integer's text, so 1, 1.0 and "1.0" are all the category "1"; other text is stripped.
+    Spellings are compared with `category_key`, not as they are."""
     if is_missing(value):
         return None
     if isinstance(value, bool):
@@ -95,16 +114,39 @@ def as_category(value: Any) -> str | None:
     return text
 
 
+def category_key(value: Any) -> str | None:
+    """What two category spellings are compared by: `as_category`, case-folded, runs of white space made one
+    space. `Male`, ` MALE ` and `male` are one category (the converter, schema fitting and the processor
+    all compare this way; a vocabulary keeps one spelling of each)."""
+    category = as_category(value)
+    return None if category is None else " ".join(category.split()).casefold()
+
+
+def usable_number(number: float) -> bool:
+    """A finite number within float32's range (`FLOAT32_MAX`): what a numerical input may hold."""
+    return math.isfinite(number) and abs(number) <= FLOAT32_MAX
+
+
+def _is_infinite(value: Any) -> bool:
+    if isinstance(value, str) or value is None:
+        return False
+    try:
+        return math.isinf(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def parse_number(value: Any) -> tuple[float, bool]:
     """(number, parsed) of a raw value: `(nan, True)` for a missing value, `(nan, False)` for a present
-    value that is not a finite number (``'12,5'``, ``'sixty'``), which a caller should report."""
-    if is_missing(value):
+    value that is not a usable number (``'12,5'``, ``'sixty'``, ±inf, ``1e308``: beyond `FLOAT32_MAX`),
+    which a caller should count and report."""
+    if is_missing(value) and not _is_infinite(value):
         return math.nan, True
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float64
         return math.nan, False
-    return (number, True) if math.isfinite(number) else (math.nan, False)
+    return (number, True) if usable_number(number) else (math.nan, False)
 
 
 def matches_any(column: str, patterns: Iterable[str]) -> bool:
@@ -113,8 +155,8 @@ def matches_any(column: str, patterns: Iterable[str]) -> bool:
 
 
 def leaks_label(column: str, patterns: Iterable[str] = ISIC2024_NEVER_INPUT) -> bool:
-    """True when `column` matches one of the never-input patterns."""
-    return matches_any(column, patterns)
+    """True when `column` matches one of the never-input patterns, in any case (`Target`, `IDDX_1` leak too)."""
+    return matches_any(column.casefold(), [pattern.casefold() for pattern in patterns])
 
 
 # ----- grouping rows by patient -----
@@ -157,6 +199,7 @@ def near_equal_chunks(rows: Sequence, max_size: int) -> list:
 __all__ = [
     "PATIENT_COLUMN", "ISIC2024_ID_COLUMN", "ISIC2024_LABEL_COLUMN", "ISIC2024_DOMAIN_COLUMN", "TBP_LV_MEASUREMENTS",
     "ISIC2024_LESION_NUMERICAL", "ISIC2024_LESION_CATEGORICAL", "ISIC2024_PATIENT_NUMERICAL",
-    "ISIC2024_PATIENT_CATEGORICAL", "ISIC2024_NEVER_INPUT", "MISSING_STRINGS", "is_missing", "as_category",
-    "parse_number", "matches_any", "leaks_label", "factorize", "rows_by_patient", "near_equal_chunks",
+    "ISIC2024_PATIENT_CATEGORICAL", "ISIC2024_NEVER_INPUT", "MISSING_STRINGS", "FLOAT32_MAX", "MIN_PATIENTS_PER_VALUE",
+    "is_missing", "is_missing_id", "as_category", "category_key", "usable_number", "parse_number", "matches_any",
+    "leaks_label", "factorize", "rows_by_patient", "near_equal_chunks",
 ]

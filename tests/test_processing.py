@@ -160,7 +160,7 @@ def test_fit_metadata_schema_on_a_dataframe():
     lesion, patient = SLIMPProcessor.fit_metadata_schema(
         frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_areaMM2"], lesion_categorical=["anatom_site_general"],
         patient_numerical=["age_approx"], patient_categorical=["sex"],
-        lesion_tower={"hidden_size": 24, "num_attention_heads": 3},
+        lesion_tower={"hidden_size": 24, "num_attention_heads": 3}, min_patients=1,  # the arithmetic, on 4 patients
     )
     for feature, mean, std in zip(lesion.numerical_features, lesion.numerical_mean, lesion.numerical_std):
         assert mean == pytest.approx(frame[feature].mean())
@@ -178,16 +178,18 @@ def test_fit_metadata_schema_on_a_dataframe():
     assert patient.categorical_features == {"sex": ["female", "male"]}  # A, D female; B male (C missing)
     assert (lesion.hidden_size, lesion.num_attention_heads) == (24, 3)
 
-    rare_dropped, _ = SLIMPProcessor.fit_metadata_schema(frame, lesion_categorical=["anatom_site_general"], min_category_count=2)
+    rare_dropped, _ = SLIMPProcessor.fit_metadata_schema(frame, lesion_categorical=["anatom_site_general"], min_category_count=2,
+                                                         min_patients=1)
     assert rare_dropped.categorical_features == {"anatom_site_general": ["head/neck"]}
     with pytest.raises(ValueError, match="tbp_lv_z"):
-        SLIMPProcessor.fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"])
+        SLIMPProcessor.fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"], min_patients=1)
 
 
 def test_a_column_full_of_nan_is_left_out_of_the_schema_with_a_warning(caplog):
     frame = pd.DataFrame(ROWS).assign(tbp_lv_H=float("nan"), tbp_tile_type=None)
     lesion, _ = SLIMPProcessor.fit_metadata_schema(
-        frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general", "tbp_tile_type"])
+        frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general", "tbp_tile_type"],
+        min_patients=1)
     assert lesion.numerical_features == ["clin_size_long_diam_mm"]
     assert list(lesion.categorical_features) == ["anatom_site_general"]
     assert "tbp_lv_H" in caplog.text and "tbp_tile_type" in caplog.text
@@ -258,16 +260,16 @@ def test_images_as_numpy_torch_lists_and_a_datasets_column_give_the_same_pixels(
 def test_metadata_encoding_matches_a_value_by_value_reference():
     """The column-wise encoding (one conversion per column, a lookup per distinct category) gives what
     reading each value with the contract's rules gives."""
-    from modeling_slimp.schema_slimp import as_category, parse_number
+    from modeling_slimp.schema_slimp import category_key, parse_number
 
     rng = np.random.default_rng(3)
     rows = []
     for i in range(200):
         rows.append({"patient_id": f"P{rng.integers(0, 30)}", "clin_size_long_diam_mm": rng.choice([1.5, None, "2.5", "x", np.nan]),
                      "tbp_lv_areaMM2": float(rng.normal(9, 3)), "tbp_lv_H": rng.choice([40.0, "NA", ""]),
-                     "anatom_site_general": rng.choice(["head/neck", " head/neck ", "elbow", None, "Unknown", "posterior torso"]),
+                     "anatom_site_general": rng.choice(["head/neck", " Head/Neck ", "elbow", None, "Unknown", "posterior  TORSO"]),
                      "tbp_tile_type": rng.choice(["3D: XP", "3D: white", None]), "age_approx": rng.choice([30.0, None, "45"]),
-                     "num_moles": rng.integers(0, 50), "sex": rng.choice(["male", "female", "UNK", None])})
+                     "num_moles": rng.integers(0, 50), "sex": rng.choice(["male", "Female", " MALE ", "UNK", None])})
     proc = processor()
     batch = proc(metadata=rows)
     lesion, patient = proc.config.lesion_metadata_config, proc.config.patient_metadata_config
@@ -275,8 +277,9 @@ def test_metadata_encoding_matches_a_value_by_value_reference():
         for j, feature in enumerate(lesion.numerical_features):
             np.testing.assert_equal(batch["lesion_numerical_values"][i, j].item(), np.float32(parse_number(row[feature])[0]))
         for j, (feature, vocabulary) in enumerate(lesion.categorical_features.items()):
-            category = as_category(row[feature])
-            assert batch["lesion_categorical_ids"][i, j].item() == (vocabulary.index(category) + 1 if category in vocabulary else 0)
+            keys = [category_key(v) for v in vocabulary]
+            key = category_key(row[feature])
+            assert batch["lesion_categorical_ids"][i, j].item() == (keys.index(key) + 1 if key in keys else 0)
     patients = list(dict.fromkeys(row["patient_id"] for row in rows))
     for p, key in enumerate(patients):
         mine = [row for row in rows if row["patient_id"] == key]
@@ -284,8 +287,9 @@ def test_metadata_encoding_matches_a_value_by_value_reference():
             first = next((parse_number(r[feature])[0] for r in mine if not np.isnan(parse_number(r[feature])[0])), float("nan"))
             np.testing.assert_equal(batch["patient_numerical_values"][p, j].item(), np.float32(first))
         for j, (feature, vocabulary) in enumerate(patient.categorical_features.items()):
-            first = next((as_category(r[feature]) for r in mine if as_category(r[feature]) is not None), None)
-            assert batch["patient_categorical_ids"][p, j].item() == (vocabulary.index(first) + 1 if first in vocabulary else 0)
+            keys = [category_key(v) for v in vocabulary]
+            first = next((category_key(r[feature]) for r in mine if category_key(r[feature]) is not None), None)
+            assert batch["patient_categorical_ids"][p, j].item() == (keys.index(first) + 1 if first in keys else 0)
 
 
 def test_an_arrow_table_encodes_as_its_rows_do():
@@ -309,3 +313,79 @@ def test_an_arrow_table_encodes_as_its_rows_do():
     rows[7]["patient_id"] = None
     with pytest.raises(ValueError, match="row 7.*patient_id"):
         processor()(metadata=pa.Table.from_pylist(rows))
+
+
+# ----- issue 18: no patient in a checkpoint, spellings, unusable numbers, "NA" ids -----
+
+def patients_frame(patients: int = 6) -> pd.DataFrame:
+    """Two lesions per patient; every value shared by all patients except the planted ones."""
+    rows = []
+    for p in range(patients):
+        for k in range(2):
+            rows.append({"patient_id": f"P{p}", "clin_size_long_diam_mm": 2.0 + p + k, "anatom_site_general": "head/neck",
+                         "age_approx": 40 + 5 * p, "sex": "female" if p % 2 else "male", "tbp_lv_H": None})
+    return pd.DataFrame(rows)
+
+
+def fit(frame: pd.DataFrame, **kwargs):
+    return SLIMPProcessor.fit_metadata_schema(
+        frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general"],
+        patient_numerical=["age_approx"], patient_categorical=["sex"], **kwargs)
+
+
+def test_a_value_fewer_than_k_patients_share_never_enters_the_schema(caplog):
+    frame = patients_frame(patients=6)  # sex: 3 male, 3 female patients -> both below k = 5
+    frame.loc[0:1, "anatom_site_general"] = "left earlobe tattoo"  # unique to patient P0, on both its lesions
+    frame.loc[2:3, "tbp_lv_H"] = 55.0  # only patient P1 has a hue
+    lesion, patient = fit(frame)
+    assert lesion.categorical_features == {"anatom_site_general": ["head/neck"]}
+    assert lesion.numerical_features == ["clin_size_long_diam_mm"]
+    assert patient.numerical_features == ["age_approx"] and patient.categorical_features == {}
+    assert "left earlobe tattoo" not in json.dumps(lesion.to_dict()) + json.dumps(patient.to_dict())
+    for left_out in ("left earlobe tattoo", "tbp_lv_H (usable values from 1 patient(s))", "sex categories ['female', 'male']"):
+        assert left_out in caplog.text
+    _, patient = fit(frame.assign(sex="female"))  # a value all six patients share is kept
+    assert patient.categorical_features == {"sex": ["female"]}
+
+
+def test_a_one_patient_training_split_is_refused():
+    one = patients_frame(patients=1)
+    with pytest.raises(ValueError, match=r"come from 1 patient\(s\), fewer than min_patients=5"):
+        fit(one)
+    with pytest.raises(ValueError, match=r"come from 4 patient\(s\)"):
+        fit(patients_frame(patients=4))
+    lesion, patient = fit(patients_frame(patients=5))
+    assert patient.numerical_mean == [pytest.approx(50.0)]  # five patients' ages: 40, 45, 50, 55, 60
+
+
+def test_category_spellings_are_compared_case_and_space_insensitively():
+    frame = patients_frame(patients=6)
+    frame["sex"] = [value for value in ("Male", " MALE ", "male", "male", "female", "female") for _ in range(2)]
+    _, patient = fit(frame, min_patients=2)
+    assert patient.categorical_features == {"sex": ["male", "female"]}  # one category each, the usual spelling
+    proc = SLIMPProcessor(config=tiny_config())  # vocabulary ["female", "male"]
+    rows = [{"patient_id": f"p{i}", "sex": value} for i, value in enumerate(["male", "Male", " MALE ", "FEMALE", "mâle"])]
+    assert proc(metadata=rows)["patient_categorical_ids"][:, 0].tolist() == [2, 2, 2, 1, 0]
+    assert proc.unknown_categories == {("sex", "mâle"): 1}
+
+
+def test_inf_and_numbers_beyond_float32_are_counted_not_silently_missing(caplog):
+    proc = processor()
+    rows = [dict(row) for row in ROWS]
+    rows[0]["tbp_lv_H"], rows[1]["tbp_lv_H"], rows[2]["tbp_lv_H"], rows[3]["tbp_lv_H"] = float("inf"), "1e308", -1e308, "-inf"
+    batch = proc(metadata=rows)
+    assert torch.isnan(batch["lesion_numerical_values"][:4, 2]).all()
+    assert sum(count for (feature, _), count in proc.invalid_numbers.items() if feature == "tbp_lv_H") == 4
+    frame = patients_frame(patients=6)
+    frame.loc[3, "clin_size_long_diam_mm"] = 1e308  # fitting used to fail: "numerical_mean must be finite"
+    lesion, _ = fit(frame)
+    assert lesion.numerical_mean == [pytest.approx(frame["clin_size_long_diam_mm"].drop(index=3).mean())]
+    assert "'clin_size_long_diam_mm' are not usable numbers" in caplog.text and "row 3: 1e+308" in caplog.text
+
+
+def test_a_patient_id_spelled_like_a_missing_value_is_an_id():
+    rows = [{"patient_id": pid, "age_approx": 50} for pid in ("NA", "na", "NA", "unknown")]
+    batch = processor()(metadata=rows)
+    assert batch["patient_index"].tolist() == [0, 1, 0, 2]
+    with pytest.raises(ValueError, match="row 1.*patient_id"):
+        processor()(metadata=[{"patient_id": "NA"}, {"patient_id": "  "}])
