@@ -55,6 +55,7 @@ def checkpoints(tmp_path_factory):
         patient_numerical=["age_approx"], patient_categorical=["sex"],
         lesion_tower=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
         patient_tower=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2),
+        min_patients=1,  # 3 patients, below the default k = 5: this test is about loading, not privacy
     )
     config = tiny_config(lesion_metadata_config=lesion, patient_metadata_config=patient)
     processor = SLIMPProcessor(config=config)
