@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from training.data import convert as prepare_data
+from training.data import shards
 from training.data.dataset import load_slimp_dataset, read_schema
 from training.data.convert import DataError, main, split_patients
 from training.data.sources import InputError
@@ -271,7 +272,7 @@ def test_rerun_refuses_a_non_empty_output_unless_overwrite(tmp_path):
 
 def test_resume_skips_finished_splits(tmp_path, monkeypatch):
     metadata, store = write_isic2024(tmp_path, isic_rows(patients=10))
-    real_build, built = prepare_data.build_split, []
+    real_build, built = shards.build_split, []
 
     def failing_build(name, *args):
         if name == "test":
@@ -279,12 +280,12 @@ def test_resume_skips_finished_splits(tmp_path, monkeypatch):
         built.append(name)
         return real_build(name, *args)
 
-    monkeypatch.setattr(prepare_data, "build_split", failing_build)
+    monkeypatch.setattr(shards, "build_split", failing_build)
     with pytest.raises(KeyboardInterrupt):
         convert("isic2024", metadata, store, tmp_path / "out")
     assert built == ["train", "validation"] and not (tmp_path / "out").exists()
 
-    monkeypatch.setattr(prepare_data, "build_split", lambda name, *args: built.append(name) or real_build(name, *args))
+    monkeypatch.setattr(shards, "build_split", lambda name, *args: built.append(name) or real_build(name, *args))
     summary = convert("isic2024", metadata, store, tmp_path / "out")
     assert built == ["train", "validation", "test"]  # the second run built only the test split
     assert sorted(load_all(tmp_path / "out")["image_id"]) == sorted(r["isic_id"] for r in isic_rows(patients=10))

@@ -9,11 +9,12 @@ Kaggle SLICE-3D `train-image.hdf5`, `FolderImageStore` for folders of image file
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import logging
-import re
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,14 @@ class InputError(ValueError):
 
 class MissingImage(KeyError):
     """The image store holds no image for this id."""
+
+
+class UnreadableImage(OSError):
+    """The image store holds something for this id that is not image bytes (an HDF5 group, say)."""
+
+
+class AmbiguousImage(UnreadableImage):
+    """The id names two or more different image files."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +74,8 @@ class SourceSpec:
         return (self.id_column, self.patient_column, self.label_column)
 
     def leaks(self, column: str) -> bool:
-        return column == self.label_column or contract.leaks_label(column, self.never_input)
+        """True for the label column and the never-input columns, in any case (`Target`, `IDDX_1`)."""
+        return column.casefold() == self.label_column.casefold() or contract.leaks_label(column, self.never_input)
 
 
 ISIC2024 = SourceSpec(  # the release schema itself: modeling_slimp/schema_slimp.py
@@ -146,9 +156,12 @@ SOURCES = {spec.name: spec for spec in (ISIC2024, ISIC_ARCHIVE, HAM10000, PAD_UF
 
 def read_metadata(path: str | os.PathLike, spec: SourceSpec, chunksize: int | None = None):
     """Read a metadata CSV as strings, with the contract's missing values (`schema_slimp.MISSING_STRINGS`,
-    any case) as NaN. Returns the DataFrame, or with `chunksize` an iterator of DataFrames of that many rows.
+    any case) as NaN; in the id and patient columns only a blank cell is missing (`NA` is an id). Returns
+    the DataFrame, or with `chunksize` an iterator of DataFrames of that many rows.
 
-    Raises InputError for a missing or unreadable file, a missing required column, or a file without rows.
+    A column name that appears more than once (`duplicate_columns`) is read once when its copies agree on
+    every row, and is an InputError naming the first row where they differ otherwise. Raises InputError
+    for a missing or unreadable file, a missing required column, or a file without rows.
     """
     path = Path(path)
     if not path.is_file():
@@ -161,32 +174,75 @@ def read_metadata(path: str | os.PathLike, spec: SourceSpec, chunksize: int | No
     if first is None or len(first) == 0:
         columns = ", ".join(first.columns) if first is not None else "none"
         raise InputError(f"{path}: the CSV has no data rows (columns: {columns}); nothing to convert")
+    copies = {name: [first.columns[i] for i in positions] for name, positions in duplicate_columns(path).items()}
     for column in spec.required_columns:
         if column not in first.columns:
             raise InputError(
                 f"{path}: required column {column!r} is missing (columns found: {', '.join(first.columns)})"
             )
+    ids = {spec.id_column, spec.patient_column}
 
     def chunks():
-        yield _missing_as_nan(first)
+        line = 2  # the first data row's line (the header is line 1; a quoted newline shifts it, rarely)
         try:
-            for chunk in reader:
-                yield _missing_as_nan(chunk)
+            for chunk in [first] if chunksize is None else _chain(first, reader):
+                chunk = _merge_copies(chunk, copies, path, line)
+                line += len(chunk)
+                yield _missing_as_nan(chunk, ids)
         except (pd.errors.ParserError, UnicodeDecodeError) as error:
             raise InputError(f"{path}: not a readable CSV file ({error})") from error
 
     return chunks() if chunksize else next(chunks())
 
 
-def _missing_as_nan(frame: pd.DataFrame) -> pd.DataFrame:
-    """Strings that spell "missing" (the contract's rule, any case and surrounding space) -> NaN."""
-    return frame.apply(lambda column: column.where(~column.str.strip().str.lower().isin(contract.MISSING_STRINGS)))
+def _chain(first: pd.DataFrame, reader):
+    yield first
+    yield from reader
+
+
+def duplicate_columns(path: str | os.PathLike) -> dict[str, list[int]]:
+    """{name: its 0-based positions} of every column name the CSV header holds more than once (pandas would
+    silently rename the copies `name.1`, ...)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        header = next(csv.reader(handle), [])
+    positions: dict[str, list[int]] = {}
+    for position, name in enumerate(header):
+        positions.setdefault(name, []).append(position)
+    return {name: found for name, found in positions.items() if len(found) > 1}
+
+
+def _merge_copies(chunk: pd.DataFrame, copies: dict[str, list[str]], path: Path, line: int) -> pd.DataFrame:
+    """Drops the copies of a repeated column (pandas named them `name.1`, ...) once checked equal to the first."""
+    if not copies:
+        return chunk
+    for name, (kept, *others) in copies.items():
+        a = chunk[kept].str.strip()
+        for other in others:
+            b = chunk[other].str.strip()
+            missing = a.str.lower().isin(contract.MISSING_STRINGS) & b.str.lower().isin(contract.MISSING_STRINGS)
+            differ = ((a != b) & ~missing).to_numpy()
+            if differ.any():
+                row = int(differ.argmax())
+                raise InputError(f"{path}: column {name!r} appears {len(others) + 1} times with different values (line "
+                                 f"{line + row}: {chunk[kept].iloc[row]!r} vs {chunk[other].iloc[row]!r}); keep one of them")
+    return chunk.drop(columns=[other for _, *others in copies.values() for other in others])
+
+
+def _missing_as_nan(frame: pd.DataFrame, ids: set[str] = frozenset()) -> pd.DataFrame:
+    """Strings that spell "missing" (the contract's rule, any case and surrounding space) -> NaN; in the `ids`
+    columns only blank text."""
+    def clean(column: pd.Series) -> pd.Series:
+        text = column.str.strip()
+        return column.where(text != "" if column.name in ids else ~text.str.lower().isin(contract.MISSING_STRINGS))
+
+    return frame.apply(clean)
 
 
 def to_float(values: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Strings -> (float64 values, mask of the present values that are not finite numbers, now NaN)."""
+    """Strings -> (float64 values, mask of the present values that are not usable numbers, now NaN): text that
+    does not parse, ±inf, and magnitudes beyond float32's (`schema_slimp.FLOAT32_MAX`: the model's precision)."""
     numbers = pd.to_numeric(values, errors="coerce").astype("float64")
-    numbers = numbers.where(np.isfinite(numbers))
+    numbers = numbers.where(np.isfinite(numbers) & (numbers.abs() <= contract.FLOAT32_MAX))
     return numbers, values.notna() & numbers.isna()
 
 
@@ -231,6 +287,7 @@ class Hdf5ImageStore:
     def __enter__(self) -> "Hdf5ImageStore":
         import h5py
 
+        self._h5py = h5py
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as error:
@@ -240,6 +297,8 @@ class Hdf5ImageStore:
     def __exit__(self, *exc) -> None:
         self._file.close()
         self._file = None
+
+    identical_copies: list[str] = []  # HDF5 names are unique
 
     def describe(self, image_id: str) -> str:
         return f"{self.path}[{image_id!r}]"
@@ -255,30 +314,44 @@ class Hdf5ImageStore:
             entry = self._file[image_id]
         except KeyError:
             raise MissingImage(f"image missing from {self.path.name}") from None
-        value = entry[()]  # bytes / numpy.bytes_ (Kaggle), numpy.void or a uint8 array
-        return bytes(value) if isinstance(value, (bytes, np.bytes_)) else value.tobytes()
+        except (ValueError, TypeError) as error:  # a name h5py cannot look up
+            raise UnreadableImage(f"{self.path.name} cannot look up {image_id!r} ({error})") from None
+        if not isinstance(entry, self._h5py.Dataset):
+            raise UnreadableImage(f"{self.path.name}[{image_id!r}] is an HDF5 {type(entry).__name__.lower()}, not a "
+                                  "dataset of image bytes")
+        try:
+            value = entry[()]  # bytes / numpy.bytes_ (Kaggle), numpy.void or a uint8 array
+            return bytes(value) if isinstance(value, (bytes, np.bytes_)) else value.tobytes()
+        except (TypeError, ValueError, AttributeError) as error:
+            raise UnreadableImage(f"{self.path.name}[{image_id!r}] holds {entry.dtype} data of shape {entry.shape}, "
+                                  f"not image bytes ({type(error).__name__})") from None
 
 
 class FolderImageStore:
-    """Image files in one or more folders (searched recursively), found by file name or by name without suffix."""
+    """Image files in one or more folders (searched recursively), found by file name or by name without suffix.
+
+    An id that names two or more files (the same name in two folders, or `x.jpg` beside `x.png`) is read
+    only when the files hold the same bytes; otherwise it is an `UnreadableImage` naming them (a row the
+    converter excludes as "duplicate image"), never the first file in directory order."""
 
     def __init__(self, folders: list[str | os.PathLike]):
         self.folders = [Path(folder) for folder in folders]
         for folder in self.folders:
             if not folder.is_dir():
                 raise InputError(f"image folder not found: {folder}")
-        self._index: dict[str, Path] = {}
+        self._index: dict[str, list[Path]] = {}
+        self.identical_copies: list[str] = []  # ids named by several files of the same bytes (read once)
 
     def __enter__(self) -> "FolderImageStore":
         found = 0
         for folder in self.folders:
             for root, _, files in os.walk(folder):
-                for name in files:
+                for name in sorted(files):
                     if name.endswith(IMAGE_SUFFIXES):
                         found += 1
                         path = Path(root, name)
-                        self._index.setdefault(name, path)
-                        self._index.setdefault(path.stem, path)
+                        for key in {name, path.stem}:
+                            self._index.setdefault(key, []).append(path)
         logger.info("found %d image files in %s", found, ", ".join(map(str, self.folders)))
         return self
 
@@ -286,13 +359,21 @@ class FolderImageStore:
         self._index = {}
 
     def describe(self, image_id: str) -> str:
-        return str(self._index.get(image_id, self.folders[0] / image_id))
+        paths = self._index.get(image_id) or [self.folders[0] / image_id]
+        return " and ".join(map(str, paths))
 
     def read(self, image_id: str) -> bytes:
-        path = self._index.get(image_id)
-        if path is None:
+        paths = self._index.get(image_id)
+        if not paths:
             raise MissingImage(f"no file named {image_id}[.jpg|.png] in {', '.join(map(str, self.folders))}")
-        return path.read_bytes()
+        data = paths[0].read_bytes()
+        unique = {path.resolve() for path in paths}  # the same file reached through two given folders is one
+        if len(unique) > 1:
+            if any(path.read_bytes() != data for path in paths[1:]):
+                raise AmbiguousImage(f"{len(unique)} different files are named {image_id}: "
+                                     f"{', '.join(str(path) for path in paths)}; keep one")
+            self.identical_copies.append(image_id)
+        return data
 
 
 HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
