@@ -67,8 +67,9 @@ def test_resume_works_when_a_tower_has_no_numerical_feature(dataset_dir, tmp_pat
 # ----- 2. too few patients: an empty validation split -----
 
 def test_a_dataset_too_small_for_a_validation_split_still_trains_and_saves(tmp_path, caplog):
-    out = tmp_path / "three"
-    summary = convert.main(["synthetic", "--patients", "3", "--seed", "0", "--image-size", "32", "--output-dir", str(out)])
+    out = tmp_path / "small"
+    summary = convert.main(["synthetic", "--patients", "8", "--seed", "0", "--image-size", "32", "--validation-fraction", "0",
+                            "--output-dir", str(out)])
     assert summary["splits"]["validation"]["patients"] == 0
     assert any("validation" in warning and "no patient" in warning for warning in summary["warnings"])
     assert json.loads((out / "summary.json").read_text())["warnings"] == summary["warnings"]
@@ -182,7 +183,7 @@ def test_an_empty_column_is_reported_and_left_out(tmp_path):
 def test_a_patient_tower_without_any_feature_is_refused(tmp_path):
     from test_prepare_data import isic_rows
 
-    rows = [dict(r, age_approx="", sex="") for r in isic_rows(patients=6)]
+    rows = [dict(r, age_approx="", sex="") for r in isic_rows(patients=9)]  # 6 train patients: k = 5 is met
     metadata, images = write_csv(tmp_path, rows)
     convert.main(["isic2024", "--metadata", metadata, "--images", *images, "--output-dir", str(tmp_path / "data")])
     with pytest.raises(ArgumentError, match="patient metadata tower without any usable feature.*--lesion_loss_weight 1"):

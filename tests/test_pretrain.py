@@ -142,7 +142,8 @@ def test_continual_pretraining_trains_embeddings_only_and_adopts_new_columns(dat
     shutil.copytree(dataset_dir, target)
     schema = json.loads((target / "schema.json").read_text())
     kept = schema["lesion"]["numerical"][:3]
-    schema["lesion"] = {"numerical": kept, "categorical": ["attribution"]}  # other columns than pre-training
+    # Other columns than pre-training; `attribution` (6 clinics, ~2 train patients each) is below k = 5 patients.
+    schema["lesion"] = {"numerical": kept, "categorical": ["attribution", "tbp_tile_type"]}
     (target / "schema.json").write_text(json.dumps(schema))
     adapted = tmp_path / "adapted"
     run(str(target), adapted, "--max_steps", "2", "--save_steps", "0", "--init_from", str(base), "--continual", "true",
@@ -150,7 +151,7 @@ def test_continual_pretraining_trains_embeddings_only_and_adopts_new_columns(dat
     before, after = weights(base), weights(adapted)
     config = json.loads((adapted / "config.json").read_text())
     assert config["lesion_metadata_config"]["numerical_features"] == kept
-    assert list(config["lesion_metadata_config"]["categorical_features"]) == ["attribution"]
+    assert list(config["lesion_metadata_config"]["categorical_features"]) == ["tbp_tile_type"]
     frozen = [k for k in after if ".layers." in k or "self_attn" in k or "encoder.layer" in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), "attention blocks must stay frozen"
     trained = ["vision_model.embeddings.patch_embeddings.projection.weight", "visual_projection.weight",

@@ -60,15 +60,27 @@ class ArgumentError(ValueError):
     """A command-line value that cannot work: raised before any data is read, reported as one line."""
 
 
-def run_cli(main, errors: tuple[type[BaseException], ...] = (ArgumentError,)):
-    """Run a script's `main()`; an expected error (a bad argument, a damaged checkpoint, bad data) is printed
-    as one line on stderr and the process exits with status 2, without a traceback.
+class DatasetError(ValueError):
+    """A dataset that cannot work for this run (one class in a split, too few patients): names the split."""
 
-    Under a multi-process launcher every rank parses the same arguments, so an `ArgumentError` is printed by
-    rank 0 only: one line, not one per process."""
+
+def run_cli(main, errors: tuple[type[BaseException], ...] = (ArgumentError,)):
+    """Run a script's `main()`; an expected error (a bad argument, a damaged checkpoint, bad data, an output
+    folder it may not write) is printed as one `error:` line on stderr and the process exits with status 2,
+    without a traceback; so is a full disk or a read-only output (`training.safety.disk_error`).
+
+    Under a multi-process launcher every rank sees the same arguments and data, so an `ArgumentError`,
+    `DatasetError` or `OutputError` is printed by rank 0 only: one line, not one per process."""
+    from training.safety import OutputError, disk_error
+
     try:
         return main()
-    except errors as error:
-        if not isinstance(error, ArgumentError) or int(os.environ.get("RANK", "0")) == 0:
+    except (*errors, DatasetError, OutputError) as error:
+        if not isinstance(error, (ArgumentError, DatasetError, OutputError)) or int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if disk_error(error) is None:
+            raise
+        print(f"error: {disk_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,8 +4,12 @@ order stands) and, written last, `manifest.json` with the sha256 of every file.
 
 A checkpoint is complete only with its manifest; loading checks every file against it, so a truncated
 file or bytes changed inside the weights are caught and named instead of loading garbage. `latest` falls
-back to the newest intact checkpoint, with a warning naming each bad one. A lost or damaged RNG state is
-an error (the resume would not be exact) unless the run accepts an inexact resume.
+back to the newest intact checkpoint, with a warning naming each bad one.
+
+A resume is exact or refused: `trainer_state.json` also records the batch geometry the data order depends
+on (patients per batch, lesions per patient, processes, seed, a fingerprint of the train split, ...); a
+resume whose geometry differs, or whose RNG state is lost or damaged, is an error naming what changed,
+unless the run accepts an inexact resume.
 """
 
 from __future__ import annotations
@@ -100,12 +104,30 @@ def find_checkpoint(checkpoint_dir: str | Path, resume_from_checkpoint: str | No
     return path
 
 
-def load_checkpoint(accelerator, directory: Path, allow_lost_rng_state: bool = False) -> dict:
+def check_geometry(saved: dict | None, current: dict, directory: Path, allow_inexact_resume: bool) -> None:
+    """Raises CheckpointError when the batch geometry of the run (`current`) differs from the one the
+    checkpoint was written with (`saved`), naming each change; only a warning with `allow_inexact_resume`."""
+    if saved is None:
+        changes = ["the checkpoint records no batch geometry (written by an older version)"]
+    else:
+        changes = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value]
+    if not changes:
+        return
+    if not allow_inexact_resume:
+        raise CheckpointError(f"checkpoint {directory} was written with another batch geometry ({'; '.join(changes)}): "
+                              "resuming would repeat or skip batches. Resume with the same options, or pass "
+                              "--allow_inexact_resume to continue anyway (not an exact continuation).")
+    logger.warning("checkpoint %s: batch geometry changed (%s); resuming anyway (--allow_inexact_resume): the run is not "
+                   "an exact continuation", directory, "; ".join(changes))
+
+
+def load_checkpoint(accelerator, directory: Path, allow_inexact_resume: bool = False, geometry: dict | None = None) -> dict:
     """Check `directory` against its manifest, load it into `accelerator`, and return its trainer state.
 
     Raises CheckpointError naming the damaged file; a damaged or missing RNG state (`random_states_*.pkl`)
-    is an error too unless `allow_lost_rng_state`, since the resumed run would not repeat the dropout and
-    augmentation draws of an uninterrupted one.
+    is an error too unless `allow_inexact_resume`, since the resumed run would not repeat the dropout and
+    augmentation draws of an uninterrupted one; so is a batch `geometry` other than the checkpoint's
+    (`check_geometry`).
     """
     problems = damaged_files(directory)
     rng_file = f"{RNG_PREFIX}{accelerator.process_index}.pkl"
@@ -116,7 +138,7 @@ def load_checkpoint(accelerator, directory: Path, allow_lost_rng_state: bool = F
     if other:
         raise CheckpointError(f"checkpoint {directory} is damaged: " + "; ".join(f"{k}: {v}" for k, v in other.items())
                               + ". Resume from an older checkpoint (--resume_from_checkpoint latest skips damaged ones).")
-    if rng and not allow_lost_rng_state:
+    if rng and not allow_inexact_resume:
         raise CheckpointError(f"checkpoint {directory}: the random-number state is damaged ("
                               + "; ".join(f"{k}: {v}" for k, v in rng.items())
                               + "), so the resumed run would not be an exact continuation. Pass --allow_inexact_resume "
@@ -124,8 +146,11 @@ def load_checkpoint(accelerator, directory: Path, allow_lost_rng_state: bool = F
     if rng:
         logger.warning("checkpoint %s: random-number state damaged (%s); resuming anyway (--allow_inexact_resume): the "
                        "run is not an exact continuation", directory, ", ".join(rng))
+    state = json.loads((directory / STATE).read_text())
+    if geometry is not None:
+        check_geometry(state.get("geometry"), geometry, directory, allow_inexact_resume)
     accelerator.load_state(str(directory))
-    return json.loads((directory / STATE).read_text())
+    return state
 
 
 def save_checkpoint(accelerator, checkpoint_dir: str | Path, state: dict, limit: int | None) -> Path:
@@ -149,5 +174,5 @@ def rotate_checkpoints(checkpoints: list[Path], limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "load_checkpoint", "save_checkpoint", "rotate_checkpoints",
-           "damaged_files", "write_manifest"]
+__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "check_geometry", "load_checkpoint", "save_checkpoint",
+           "rotate_checkpoints", "damaged_files", "write_manifest"]

@@ -31,7 +31,11 @@ sensitivity) and balanced accuracy.
 
 `--output_dir` is the release folder (the Hub repo: classifier, processor, README.md with the measured
 results, results.json); Trainer's checkpoints go to `--checkpoint_dir` (default `OUTPUT_DIR-checkpoints`),
-beside it. `--push_to_hub --hub_model_id ORG/NAME` uploads the release folder only.
+beside it. `--push_to_hub --hub_model_id ORG/NAME` uploads the release folder's model, processor, card and
+code files only. Both folders are locked for the run (a second run on them stops, naming the first's pid);
+neither may be, hold or lie inside the dataset or the pre-trained checkpoint. A train split of one class is
+an error naming it; a validation or test split of one class, or a class missing from a split, is a warning
+naming it. `results.json` records the learning rate actually used.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -53,15 +58,20 @@ if __package__ in (None, ""):  # `python training/finetune.py` runs this file as
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
-from modeling_slimp.configuration_slimp import CLASSIFIER_FEATURES, CLASSIFIER_REPRESENTATIONS  # noqa: E402
-from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
+from modeling_slimp.configuration_slimp import (  # noqa: E402
+    CLASSIFIER_FEATURES,
+    CLASSIFIER_REPRESENTATIONS,
+    DEFAULT_CLASSIFIER_FEATURES,
+)
+from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli  # noqa: E402
 from training.checkpointing import CheckpointError, damaged_files, write_manifest  # noqa: E402
 from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
-from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
+from training.data.dataset import class_counts, column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import predict_images_only, predict_split  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 from training.probe import DEFAULT_REPRESENTATION, fit_probe  # noqa: E402
-from training.release import IMAGES_ONLY_SPLIT, is_hub_id, public_value, push_release, save_release  # noqa: E402
+from training.release import IMAGES_ONLY_SPLIT, RELEASE_FILES, is_hub_id, public_value, push_release, save_release  # noqa: E402
+from training.safety import check_apart, check_writable_release, locked  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +96,7 @@ class DataArguments:
 class ModelArguments:
     model_dir: str = field(metadata={"help": "A pre-trained SLIMP checkpoint folder (or Hub id)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
-    classifier_features: str = field(default="image+lesion+patient+context", metadata={"help": f"What the head reads: one of {CLASSIFIER_FEATURES}."})
+    classifier_features: str = field(default=DEFAULT_CLASSIFIER_FEATURES, metadata={"help": f"What the head reads: one of {CLASSIFIER_FEATURES}."})
     representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"Which features of each tower the head reads: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected features)."})
     class_weights: str = field(default="auto", metadata={"help": "auto (inverse train frequency) | none | w0,w1,..."})
     probe_C: float = field(default=1.0, metadata={"help": "--mode linear: inverse L2 strength of the logistic-regression head (as evaluate.py's probe)."})
@@ -119,7 +129,7 @@ class FinetuneTrainingArguments(TrainingArguments):
     output_dir: str = field(default="outputs/slimp-classifier", metadata={"help": "The release folder: classifier, processor, card, results.json (what --push_to_hub uploads)."})
     checkpoint_dir: str | None = field(default=None, metadata={"help": "Trainer's checkpoints (default: OUTPUT_DIR-checkpoints, beside the release folder)."})
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps (full, lora); <= 0 uses num_train_epochs."})
-    learning_rate: float = field(default=0.0, metadata={"help": f"Peak learning rate (full, lora); 0 takes the mode's default {DEFAULT_LEARNING_RATES}."})
+    learning_rate: float = field(default=0.0, metadata={"help": f"Peak learning rate (full, lora); 0 takes the mode's default {DEFAULT_LEARNING_RATES} (results.json records the rate used)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Patients (or chunks of a large one) per batch and device."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers SchedulerType)."})
     warmup_steps: float = field(default=10, metadata={"help": "Linear warm-up steps."})
@@ -144,7 +154,43 @@ class FinetuneTrainingArguments(TrainingArguments):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, FinetuneTrainingArguments]:
-    return parse_dataclasses((DataArguments, ModelArguments, FinetuneTrainingArguments), argv)
+    """The options; for `full` and `lora`, a `--learning_rate` of 0 becomes the mode's default, the rate used."""
+    data_args, model_args, args = parse_dataclasses((DataArguments, ModelArguments, FinetuneTrainingArguments), argv)
+    if model_args.mode != "linear" and not args.learning_rate:
+        args.learning_rate = DEFAULT_LEARNING_RATES[model_args.mode]
+    return data_args, model_args, args
+
+
+def check_outputs(data_args: DataArguments, model_args: ModelArguments, args: FinetuneTrainingArguments) -> None:
+    """No output folder is, holds or lies inside an input (the dataset, a local pre-trained checkpoint), and the
+    release folder holds no file of a release's names that SLIMP did not write (`training.safety`)."""
+    inputs = {"the --dataset_dir": data_args.dataset_dir}
+    if Path(model_args.model_dir).exists():  # not a Hub id
+        inputs["the --model_dir checkpoint"] = model_args.model_dir
+    for option in ("output_dir", "checkpoint_dir"):
+        check_apart(getattr(args, option), f"--{option}", inputs)
+    check_writable_release(args.output_dir, "--output_dir", RELEASE_FILES)
+
+
+def check_classes(splits: dict, label_names: list[str], dataset_dir: str) -> None:
+    """A train split of one class is a DatasetError naming it: no classifier can be trained on it. A validation
+    or test split of one class, or a split without some class, is a loud warning naming the split and the
+    classes (its AUROC or per-class metrics are undefined, recorded as null)."""
+    for name, split in splits.items():
+        counts = class_counts(split, label_names)
+        present = [label for label, count in counts.items() if count]
+        absent = [label for label, count in counts.items() if not count]
+        if name == "train" and len(present) < 2:
+            raise DatasetError(f"split 'train' of {dataset_dir} holds "
+                               + (f"one class only ('{present[0]}', {counts[present[0]]} lesions)" if present else "no lesion")
+                               + ": no classifier can be trained on it. Convert the data with more patients or other "
+                               "split fractions.")
+        if len(present) == 1:
+            logger.warning("!!! split '%s' of %s holds one class only ('%s'): its AUROC and pAUC are undefined (null in "
+                           "results.json)", name, dataset_dir, present[0])
+        elif present and absent:
+            logger.warning("split '%s' of %s has no lesion of class %s: its per-class metrics are undefined there", name,
+                           dataset_dir, ", ".join(map(repr, absent)))
 
 
 def trainer_arguments(args: FinetuneTrainingArguments, mode: str) -> TrainingArguments:
@@ -388,12 +434,23 @@ def main(argv: list[str] | None = None) -> dict:
     """Returns {"classification": {split: metrics}, "history", "class_weights", "mode", "model"} (the saved
     model, in memory) on the main process."""
     data_args, model_args, args = parse_args(argv)
+    check_outputs(data_args, model_args, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    with locked({"release folder (--output_dir)": args.output_dir, "checkpoint folder (--checkpoint_dir)": args.checkpoint_dir},
+                enabled=int(os.environ.get("RANK", "0")) == 0):
+        check_outputs(data_args, model_args, args)  # again, now that no other run can write them
+        return finetune(data_args, model_args, args)
+
+
+def finetune(data_args: DataArguments, model_args: ModelArguments, args: FinetuneTrainingArguments) -> dict:
+    """The run itself (`main` holds the locks of its folders)."""
     torch.manual_seed(args.seed)
     train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train")
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
     test_split, _ = load_slimp_dataset(data_args.dataset_dir, "test")
     label_names = list(schema["label"]["names"])
+    check_classes({"train": train_split, "validation": validation_split, "test": test_split}, label_names,
+                  data_args.dataset_dir)
     class_weights = resolve_class_weights(model_args.class_weights, column_list(train_split, "label"), len(label_names))
     model = load_classifier(model_args, label_names, class_weights)
     check_schema(model, schema)
@@ -435,13 +492,14 @@ def main(argv: list[str] | None = None) -> dict:
                            scores[IMAGES_ONLY_SPLIT]["auroc"], scores["test"]["auroc"])
         logger.info("results %s", json.dumps(scores))
         result.update(classification=scores, class_weights=class_weights, mode=model_args.mode)
-        results = {**result, "train_args": public_value(args.to_dict()), "data_args": public_value(dataclasses.asdict(data_args)),
+        train_args = {**args.to_dict(), "learning_rate": None if model_args.mode == "linear" else args.learning_rate}
+        results = {**result, "train_args": public_value(train_args), "data_args": public_value(dataclasses.asdict(data_args)),
                    "model_args": public_value(dataclasses.asdict(model_args))}
         result["model"] = save_outputs(model, processor, model_args, data_args, args, schema, results).eval()
     return result
 
 
 if __name__ == "__main__":
-    outcome = run_cli(main, errors=(ArgumentError, CheckpointError))
+    outcome = run_cli(main, errors=(ArgumentError, CheckpointError, DatasetError))
     if "classification" in outcome:
         print(json.dumps(outcome["classification"], indent=1))

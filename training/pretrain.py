@@ -17,8 +17,15 @@ skipped. Images are decoded and resized by the loader workers; augmentation runs
 device (`training/data/augment.py`).
 
 Layout of `--output_dir`: the release folder (what `--push_to_hub` uploads: config, weights, code,
-processor, card, results.json). Checkpoints go to `--checkpoint_dir` (default `OUTPUT_DIR-checkpoints`),
-beside it, never inside it.
+processor, card, results.json, and nothing else). Checkpoints go to `--checkpoint_dir` (default
+`OUTPUT_DIR-checkpoints`), beside it, never inside it.
+
+Safety: the release and checkpoint folders are locked for the whole run (a second run on them stops at
+once, naming the first's pid); no output folder may be, hold or lie inside the dataset or the checkpoint
+it starts from; a release folder holding files SLIMP did not write is refused. The metadata schema stored
+in the checkpoint keeps only categories and statistics shared by 5+ patients, and a train split of fewer
+patients is refused. A resume with another batch geometry (patients per batch, lesions per patient,
+processes, seed, train data) is refused unless `--allow_inexact_resume`.
 """
 
 from __future__ import annotations
@@ -44,23 +51,26 @@ if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs t
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
 from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS  # noqa: E402
-from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
+from modeling_slimp.schema_slimp import MIN_PATIENTS_PER_VALUE  # noqa: E402
+from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli  # noqa: E402
 from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
 from training.data.augment import AUGMENTATIONS  # noqa: E402
 from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator  # noqa: E402
-from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
+from training.data.dataset import class_counts, column_list, load_slimp_dataset, split_fingerprint  # noqa: E402
 from training.data.sampler import PatientBatchSampler  # noqa: E402
 from training.data.streaming import StreamingPatientBatches  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns  # noqa: E402
 from training.probe import retrieval_metrics  # noqa: E402
-from training.release import probe_report, save_release  # noqa: E402
+from training.release import RELEASE_FILES, probe_report, save_release  # noqa: E402
+from training.safety import check_apart, check_writable_release, locked  # noqa: E402
 
 logger = get_logger(__name__)
 
 DEFAULT_DATASET = "data/synthetic"
+DEFAULT_SYNTHETIC_PATIENTS = 500  # patients of the synthetic dataset built into DEFAULT_DATASET when it is absent
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard")
 
@@ -68,7 +78,7 @@ REPORTERS = ("none", "tensorboard")
 @dataclass
 class DataArguments:
     dataset_dir: str = field(default=DEFAULT_DATASET, metadata={"help": "A dataset from `python -m training.prepare_data`. The default is built (synthetic) if absent."})
-    synthetic_patients: int = field(default=500, metadata={"help": "Patients of the synthetic dataset built when dataset_dir is the default and absent."})
+    synthetic_patients: int = field(default=DEFAULT_SYNTHETIC_PATIENTS, metadata={"help": "Patients of the synthetic dataset built when dataset_dir is the default and absent."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of that synthetic dataset."})
     patients_per_batch: int = field(default=16, metadata={"help": "P: distinct patients per batch and process."})
     max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
@@ -144,7 +154,7 @@ class TrainArguments:
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (0: never)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (None: all)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest | a checkpoint folder"})
-    allow_inexact_resume: bool = field(default=False, metadata={"help": "Resume even from a checkpoint whose random-number state is lost (the run is then not an exact continuation)."})
+    allow_inexact_resume: bool = field(default=False, metadata={"help": "Resume even from a checkpoint written with another batch geometry (patients per batch, lesions per patient, processes, seed, train data) or whose random-number state is lost (the run is then not an exact continuation)."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps, keeping the max_steps schedule (time-boxed jobs)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Consecutive non-finite losses that stop the run."})
     report_to: str = field(default="none", metadata={"help": f"One of {REPORTERS}."})
@@ -177,6 +187,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArgum
     if data_args.streaming and args.max_steps <= 0:
         raise ArgumentError("--streaming has no epoch length: give --max_steps")
     return data_args, model_args, args
+
+
+def check_outputs(data_args: DataArguments, model_args: ModelArguments, args: TrainArguments) -> None:
+    """No output folder is, holds or lies inside an input (the dataset, a local checkpoint to start from), and
+    the release folder holds no file of a release's names that SLIMP did not write (`training.safety`)."""
+    inputs = {"the --dataset_dir": data_args.dataset_dir}
+    for option in ("init_from", "init_vision_from"):
+        if getattr(model_args, option) and Path(getattr(model_args, option)).exists():  # not a Hub id
+            inputs[f"the --{option} checkpoint"] = getattr(model_args, option)
+    for option in ("output_dir", "checkpoint_dir", "logging_dir"):
+        check_apart(getattr(args, option), f"--{option}", inputs)
+    check_writable_release(args.output_dir, "--output_dir", RELEASE_FILES)
 
 
 def hyperparameters(*arguments) -> dict[str, int | float | str | bool]:
@@ -336,8 +358,40 @@ def validate(model: SLIMPModel, collator: SLIMPCollator, dataset, batch_size: in
     return {f"val/{k}": v for k, v in metrics.items()}
 
 
+def batch_geometry(data_args: DataArguments, args: TrainArguments, accelerator: Accelerator) -> dict:
+    """What the order and content of the batches depend on, stored with each checkpoint: a resume that changes
+    it would repeat or skip batches (`checkpointing.check_geometry`)."""
+    return {"patients_per_batch": data_args.patients_per_batch, "max_lesions_per_patient": data_args.max_lesions_per_patient,
+            "processes": accelerator.num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "seed": args.seed, "include_malignant": data_args.include_malignant, "streaming": data_args.streaming,
+            "stream_shards": max(data_args.stream_shards, accelerator.num_processes) if data_args.streaming else None,
+            "train_data": split_fingerprint(data_args.dataset_dir, "train")}
+
+
+def check_train_patients(rows, dataset_dir: str) -> None:
+    """The schema stored in every checkpoint keeps only values shared by MIN_PATIENTS_PER_VALUE patients: a
+    train split of fewer patients could only describe individual ones, so it is refused."""
+    patients = len(set(column_list(rows, "patient_id")))
+    if patients < MIN_PATIENTS_PER_VALUE:
+        raise DatasetError(f"split 'train' of {dataset_dir} holds {patients} patient(s): the metadata schema stored in "
+                           f"the checkpoint only keeps values that {MIN_PATIENTS_PER_VALUE}+ patients share, so it would "
+                           "describe individual patients; convert more patients into the train split")
+
+
+def warn_without_negatives(data_args: DataArguments, model_args: ModelArguments, accelerator: Accelerator) -> bool:
+    """Warns (once, returns True) when no batch can hold 2 patients: the patient loss then has no negatives."""
+    if model_args.lesion_loss_weight < 1 and data_args.patients_per_batch * accelerator.num_processes < 2:
+        logger.warning("--patients_per_batch %d on %d process(es): every batch holds one patient, so the patient-level "
+                       "loss has no negatives and is 0 at every step (only the lesion loss trains). Use "
+                       "--patients_per_batch 2 or more, or --lesion_loss_weight 1 for the flat loss.",
+                       data_args.patients_per_batch, accelerator.num_processes, main_process_only=True)
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
+    check_outputs(data_args, model_args, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The schedule counts optimizer steps of the global batch: accelerate's default would advance it once
     # per process per step (it assumes each process adds a batch), ending a 2-process run's schedule early.
@@ -345,6 +399,14 @@ def main(argv: list[str] | None = None) -> dict:
                               step_scheduler_with_optimizer=False,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.logging_dir)
+    with locked({"release folder (--output_dir)": args.output_dir, "checkpoint folder (--checkpoint_dir)": args.checkpoint_dir},
+                enabled=accelerator.is_main_process):
+        check_outputs(data_args, model_args, args)  # again, now that no other run can write them
+        return pretrain(data_args, model_args, args, accelerator)
+
+
+def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainArguments, accelerator: Accelerator) -> dict:
+    """The run itself (`main` holds the locks of its folders)."""
     set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
     train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train", streaming=data_args.streaming,
@@ -355,7 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "larger --validation-fraction)", data_args.dataset_dir, main_process_only=True)
         validation_split = None
     schema = model_schema(schema, data_args.exclude_features)
-    model = build_model(model_args, schema, schema_rows(train_split, schema, data_args))
+    rows = schema_rows(train_split, schema, data_args)
+    check_train_patients(rows, data_args.dataset_dir)
+    model = build_model(model_args, schema, rows)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     processor = build_processor(model, model_args)
@@ -372,17 +436,20 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("slimp-pretrain", config=hyperparameters(data_args, model_args, args))
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
+    geometry = batch_geometry(data_args, args, accelerator)
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "geometry": geometry}
     resume = find_checkpoint(args.checkpoint_dir, args.resume_from_checkpoint)
     if resume is not None:
-        state = load_checkpoint(accelerator, resume, allow_lost_rng_state=args.allow_inexact_resume)
+        state = load_checkpoint(accelerator, resume, allow_inexact_resume=args.allow_inexact_resume, geometry=geometry)
+        state["geometry"] = geometry
         logger.info("resumed from %s at step %d", resume, state["global_step"], main_process_only=True)
+    warned = warn_without_negatives(data_args, model_args, accelerator)
 
     logger.info("%s lesions, %s batches/epoch/process, %d steps, %d processes",
                 "streamed" if data_args.streaming else len(train_split), batches_per_epoch or "endless", max_steps,
                 accelerator.num_processes, main_process_only=True)
     history = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args, state,
-                         max_steps, validation_split, eval_collator)
+                         max_steps, validation_split, eval_collator, warned_without_negatives=warned)
     accelerator.wait_for_everyone()
     result = {"global_step": state["global_step"], "history": history}
     if state["global_step"] >= max_steps and accelerator.is_main_process:
@@ -392,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "data_args": asdict(data_args), "model_args": asdict(model_args)}
         # The release is saved before anything that could still fail (the probe), so a finished run is never lost.
         save_release(unwrapped, processor, args.output_dir, schema, data_args.dataset_dir, results)
-        if args.linear_probe:
+        if args.linear_probe and probe_possible(data_args.dataset_dir, schema["label"]["names"]):
             results["linear_probe"] = probe_report(unwrapped, eval_collator, data_args.dataset_dir, args.seed)
             save_release(unwrapped, processor, args.output_dir, schema, data_args.dataset_dir, results, card_only=True)
         if args.push_to_hub:
@@ -404,8 +471,23 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def probe_possible(dataset_dir: str, label_names: list[str]) -> bool:
+    """The linear probe fits on the train split and scores the test split: each needs two classes. Warns and
+    returns False (the probe is skipped) naming the split that has one."""
+    for split in ("train", "test"):
+        dataset, _ = load_slimp_dataset(dataset_dir, split)
+        present = [name for name, count in class_counts(dataset, label_names).items() if count]
+        if len(present) < 2:
+            logger.warning("split '%s' of %s holds %s: the linear probe cannot be fitted or scored and is skipped",
+                           split, dataset_dir, f"one class only ('{present[0]}')" if present else "no lesion",
+                           main_process_only=True)
+            return False
+    return True
+
+
 def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTransform, accelerator, args: TrainArguments,
-               state: dict, max_steps: int, validation_split, eval_collator) -> list[dict]:
+               state: dict, max_steps: int, validation_split, eval_collator, warned_without_negatives: bool = False
+               ) -> list[dict]:
     """Run until `max_steps` (or `stop_after_steps`), checkpointing every `save_steps`. Mutates `state`."""
     history: list[dict] = []
     progress = tqdm(total=max_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process, desc="pre-training")
@@ -423,7 +505,15 @@ def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTra
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
                 out = model(**batch, return_loss=True)
-                finite = accelerator.reduce(torch.isfinite(out.loss).float().reshape(1), "sum").item() == accelerator.num_processes
+                # One collective: how many processes have a finite loss, and how many patients the global batch holds.
+                local = torch.tensor([float(torch.isfinite(out.loss)), float(batch["patient_numerical_values"].shape[0])],
+                                     device=out.loss.device)
+                finite_processes, patients = accelerator.reduce(local, "sum").tolist()
+                finite = finite_processes == accelerator.num_processes
+                if patients < 2 and not warned_without_negatives and model_config(model).lesion_loss_weight < 1:
+                    warned_without_negatives = True
+                    logger.warning("step %d: a batch of %d patient(s): its patient loss has no negatives and is 0 (said "
+                                   "once per run)", state["global_step"] + 1, int(patients), main_process_only=True)
                 if not finite:
                     nonfinite += 1
                     optimizer.zero_grad()
@@ -469,6 +559,10 @@ def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTra
     return history
 
 
+def model_config(model):
+    return getattr(model, "module", model).config
+
+
 def log_step(accelerator, model: SLIMPModel, out, scheduler, step: int, lesions_per_second: float) -> dict:
     lesion_scale, patient_scale = model.logit_scales()
     record = {
@@ -484,6 +578,6 @@ def log_step(accelerator, model: SLIMPModel, out, scheduler, step: int, lesions_
 
 
 if __name__ == "__main__":
-    outcome = run_cli(main, errors=(ArgumentError, CheckpointError))
+    outcome = run_cli(main, errors=(ArgumentError, CheckpointError, DatasetError))
     if outcome.get("linear_probe"):
         print(outcome["linear_probe"]["table"])

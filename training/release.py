@@ -4,8 +4,10 @@ measured results) and results.json.
 
 Nothing patient-level goes into the folder: the card and `results.json` hold aggregate metrics, the
 dataset's name and split sizes, and the training arguments with local paths reduced to their last part.
-Checkpoints, logs and evaluation outputs live beside the folder; `push_release` uploads the folder
-without them (`PUSH_IGNORE`, which a test checks with huggingface_hub's own filter).
+Checkpoints, logs and evaluation outputs live beside the folder. `push_release` uploads an allow-list
+(`release_files`: the model, processor, card, results and code files at the top of the folder), so data
+put there by mistake (Arrow shards, a CSV, images) is never uploaded; `PUSH_IGNORE` is applied as well.
+The folder holds the SLIMP marker (`training/safety.py`), so a later run may write into it again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 from training.probe import DEFAULT_REPRESENTATION, linear_probe, probe_inputs
 from training.results import write_json
+from training.safety import write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ IMAGES_ONLY_SPLIT = "test, images only"
 # Never uploaded with a release folder, even if a user put them there.
 PUSH_IGNORE = ["checkpoints/*", "checkpoint-*", "runs/*", "logs/*", "eval/*", "*.tfevents.*", "**/events.out.tfevents.*",
                "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "bank/*", "*.parquet"]
+# What a release folder publishes: model, processor, card and results (plus the code files, `release_files`).
+RELEASE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                 "adapter_config.json", "preprocessor_config.json", "processor_config.json", "README.md", "results.json")
+SHARDED_WEIGHTS = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+CODE_DIR = Path(__file__).resolve().parent.parent / "modeling_slimp"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -255,6 +263,8 @@ def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: s
     `card_only`: rewrite README.md and results.json only (e.g. once the probe has run)."""
     output = Path(output_dir)
     if not card_only:
+        output.mkdir(parents=True, exist_ok=True)
+        write_marker(output, "release")
         model.save_pretrained(output)
         processor.save_pretrained(output)
     (output / "README.md").write_text(render_model_card(model.config, schema, dataset_dir, results, task, hub_model_id, base_model))
@@ -263,13 +273,27 @@ def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: s
     return output
 
 
-def push_release(folder: str | Path, repo_id: str, private: bool = False) -> None:
-    """Upload a release folder to the Hub model repo `repo_id`, without checkpoints, logs or pickles."""
+def release_files(folder: str | Path) -> list[str]:
+    """The files `push_release` uploads: at the top of `folder` only, the model (`RELEASE_FILES`, sharded
+    safetensors), the processor, the card, results.json and the `modeling_slimp` code files. Nothing else,
+    whatever else the folder holds (a dataset, images, a CSV)."""
+    code = {path.name for path in CODE_DIR.glob("*.py") if path.name != "__init__.py"}
+    names = sorted(path.name for path in Path(folder).iterdir() if path.is_file())
+    return [name for name in names if name in RELEASE_FILES or name in code or SHARDED_WEIGHTS.match(name)]
+
+
+def push_release(folder: str | Path, repo_id: str, private: bool = False) -> list[str]:
+    """Upload the allow-listed files of a release folder (`release_files`) to the Hub model repo `repo_id`;
+    returns their names."""
     from huggingface_hub import create_repo, upload_folder
 
+    files = release_files(folder)
+    if "config.json" not in files:
+        raise ValueError(f"{folder} holds no config.json: not a release folder, nothing pushed")
     create_repo(repo_id, exist_ok=True, private=private)
-    upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=PUSH_IGNORE)
+    upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=files, ignore_patterns=PUSH_IGNORE)
+    return files
 
 
-__all__ = ["probe_report", "render_model_card", "save_release", "push_release", "how_to_use", "PUSH_IGNORE", "is_hub_id",
-           "public_value"]
+__all__ = ["probe_report", "render_model_card", "save_release", "push_release", "release_files", "how_to_use",
+           "PUSH_IGNORE", "RELEASE_FILES", "is_hub_id", "public_value"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
@@ -90,6 +91,22 @@ def _patient_sharded_stream(dataset: datasets.Dataset, num_shards: int, patient_
 
     stream = datasets.IterableDataset.from_generator(rows, features=raw.features, gen_kwargs={"ranges": ranges})
     return stream.cast_column("image", datasets.Image())
+
+
+def class_counts(dataset, label_names: list[str]) -> dict[str, int]:
+    """Lesions per class of a split (`label` column), every class named, absent ones with 0."""
+    labels = column_list(dataset, "label") if len(dataset) else []
+    counts = Counter(int(label) for label in labels)
+    return {name: counts.get(index, 0) for index, name in enumerate(label_names)}
+
+
+def split_fingerprint(path: Union[str, os.PathLike], split: str = "train") -> Optional[str]:
+    """What identifies the content of a local split: the `_fingerprint` of its `state.json` (for a converted
+    dataset, a sha256 of its Arrow shards); None for a Hub dataset (not checked)."""
+    state = Path(path) / split / "state.json"
+    if not state.is_file():
+        return None
+    return json.loads(state.read_text()).get("_fingerprint")
 
 
 def column_list(dataset, name: str) -> list:
