@@ -167,8 +167,9 @@ def check_replaceable(folder: str | os.PathLike, kind: str, option: str) -> None
     if is_empty(path) or (path.is_dir() and marker_kind(path) == kind):
         return
     what = "a file" if not path.is_dir() else f"a folder without the {MARKER} marker of a SLIMP {kind}"
-    raise OutputError(f"{option} {path} is {what}: it was not written by this project, so it is never deleted or "
-                      f"replaced, even with --overwrite; choose a new folder (or remove it yourself)")
+    raise OutputError(f"{option} {path} is {what}: it was not written by this project (or by a version before the "
+                      "marker), so it is never deleted or replaced, even with --overwrite; choose a new folder, or "
+                      "remove it yourself")
 
 
 def check_writable_release(folder: str | os.PathLike, option: str, ours: tuple[str, ...]) -> None:
@@ -183,8 +184,9 @@ def check_writable_release(folder: str | os.PathLike, option: str, ours: tuple[s
         return
     clash = sorted(p.name for p in path.iterdir() if p.name in ours)
     if clash:
-        raise OutputError(f"{option} {path} holds {', '.join(clash)} that this project did not write (no {MARKER}); "
-                          "they are never overwritten: choose a new or empty folder")
+        raise OutputError(f"{option} {path} holds {', '.join(clash)} but no {MARKER}: this project did not write them "
+                          "(or a version before the marker did), so they are never overwritten; choose a new or empty "
+                          "folder, or remove them yourself")
 
 
 def relation(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
