@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments, pipeline  # noqa: E402
 
 import modeling_slimp  # noqa: E402, F401  (registers the SLIMP classes with the Auto* factories)
 from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
+from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = datasets.load_from_disk(args.dataset_dir)
     names = splits["train"].features["label"].names
     config = SLIMPConfig.from_pretrained(args.model_dir)
-    config.classifier_features = "image+lesion+patient+context"
+    # The measured default head (every part, read before the projections), whatever the pre-trained config says
+    config.classifier_features, config.classifier_representation = DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION
     config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir, config=config)
     processor = SLIMPProcessor.from_pretrained(args.model_dir)

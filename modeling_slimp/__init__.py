@@ -7,7 +7,7 @@ AutoModelForImageClassification, AutoProcessor), so that `AutoModel.from_pretrai
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoProcessor
 
-from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
+from .configuration_slimp import SLIMPConfig, SLIMPLesionMetadataConfig, SLIMPMetadataConfig, SLIMPPatientMetadataConfig
 from .modeling_slimp import SLIMPForLesionClassification, SLIMPModel, SLIMPOutput, SLIMPPreTrainedModel
 from .pooling import PatientSums
 from .processing_slimp import PatientChunks, SLIMPDataCollator, SLIMPProcessor
@@ -21,6 +21,8 @@ AutoProcessor.register(SLIMPConfig, SLIMPProcessor, exist_ok=True)
 __all__ = [
     "SLIMPConfig",
     "SLIMPMetadataConfig",
+    "SLIMPLesionMetadataConfig",
+    "SLIMPPatientMetadataConfig",
     "SLIMPModel",
     "SLIMPForLesionClassification",
     "SLIMPOutput",

@@ -29,6 +29,10 @@ CLASSIFIER_FEATURES = tuple(
     for context in ((), ("context",))
 )
 CLASSIFIER_REPRESENTATIONS = ("projection", "tower")
+# The classifier defaults, the measured ones (README, quality section): every part, read before the projections.
+# `training/finetune.py` and the examples import them from here.
+DEFAULT_CLASSIFIER_FEATURES = "image+lesion+patient+context"
+DEFAULT_CLASSIFIER_REPRESENTATION = "tower"
 
 
 class SLIMPMetadataConfig(PreTrainedConfig):
@@ -47,7 +51,6 @@ class SLIMPMetadataConfig(PreTrainedConfig):
     """
 
     model_type: ClassVar[str] = "slimp_metadata"
-    base_config_key: ClassVar[str] = "metadata_config"
 
     numerical_features: list[str] | None = None
     categorical_features: dict[str, list[str]] | None = None
@@ -120,6 +123,31 @@ class SLIMPMetadataConfig(PreTrainedConfig):
         """All features in token order: numerical first, then categorical."""
         return self.numerical_features + list(self.categorical_features)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """As `PreTrainedConfig.get_config_dict`; a full SLIMP checkpoint holds two towers, so loading one of them
+        from it needs the class that names its key (`SLIMPLesionMetadataConfig`, `SLIMPPatientMetadataConfig`)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "slimp" and cls.base_config_key not in config_dict:
+            raise ValueError(
+                f"'{pretrained_model_name_or_path}' is a whole SLIMP checkpoint with two metadata towers: load "
+                "SLIMPLesionMetadataConfig.from_pretrained(...) or SLIMPPatientMetadataConfig.from_pretrained(...) "
+                "(or SLIMPConfig.from_pretrained(...).lesion_metadata_config)."
+            )
+        return config_dict, kwargs
+
+
+class SLIMPLesionMetadataConfig(SLIMPMetadataConfig):
+    """The lesion tower's `SLIMPMetadataConfig`; `from_pretrained` of a whole SLIMP checkpoint reads its key."""
+
+    base_config_key: ClassVar[str] = "lesion_metadata_config"
+
+
+class SLIMPPatientMetadataConfig(SLIMPMetadataConfig):
+    """The patient tower's `SLIMPMetadataConfig`; `from_pretrained` of a whole SLIMP checkpoint reads its key."""
+
+    base_config_key: ClassVar[str] = "patient_metadata_config"
+
 
 def _release_vision_config() -> ViTConfig:
     """ViT-S/16 at 224 px (DINOv2-small/ViT-S sized): the release image tower."""
@@ -139,7 +167,8 @@ class SLIMPConfig(PreTrainedConfig):
         vision_config (`PreTrainedConfig` or `dict` with `model_type`): any transformers vision config
             (ViT, DINOv2, ResNet, ConvNeXt, ...); the tower is `AutoModel.from_config(vision_config)`.
         lesion_metadata_config, patient_metadata_config (`SLIMPMetadataConfig` or `dict`): the two
-            metadata towers and their schemas.
+            metadata towers and their schemas (a dict becomes a `SLIMPLesionMetadataConfig` /
+            `SLIMPPatientMetadataConfig`, the classes that load one tower from a whole checkpoint).
         projection_dim (`int`): width D of every embedding the losses compare.
         lesion_loss_weight (`float`): λ in `L = λ·L_lesion + (1 − λ)·L_patient`; λ = 1 is the flat
             lesion-only (CLIP-style image-metadata) loss.
@@ -152,11 +181,13 @@ class SLIMPConfig(PreTrainedConfig):
         classifier_features (`str`): the parts `SLIMPForLesionClassification` reads, joined by "+":
             `image`, then optionally `lesion` (the lesion's metadata), `patient` (its patient's metadata) and
             `context` (the lesion's image [+ lesion metadata] representation minus the mean of the same
-            patient's other lesions; see `pooling.PatientSums.context`). One of `CLASSIFIER_FEATURES`.
+            patient's other lesions; see `pooling.PatientSums.context`). One of `CLASSIFIER_FEATURES`;
+            default `DEFAULT_CLASSIFIER_FEATURES`, all four.
         classifier_representation (`"projection"` or `"tower"`): what the head reads of each tower: the
-            projected, un-normalised features (`get_image_features`, ...), or the tower outputs before the
-            projection (pooled image feature, metadata [CLS]). Either way the image-only path is affine in
-            the backbone's pooled feature.
+            projected, un-normalised features (`get_image_features(...).pooler_output`, ...), or the tower
+            outputs before the projection (pooled image feature, metadata [CLS]); default
+            `DEFAULT_CLASSIFIER_REPRESENTATION`, the towers. Either way the image-only path is affine in the
+            backbone's pooled feature.
         classifier_dropout (`float`): dropout before the classification head.
         class_weights (`list[float]`, optional): per-class weights of the classification loss.
         initializer_range (`float`): std of the truncated-normal init of the SLIMP-specific layers.
@@ -165,8 +196,8 @@ class SLIMPConfig(PreTrainedConfig):
     model_type: ClassVar[str] = "slimp"
     sub_configs_defaults: ClassVar[dict] = {
         "vision_config": SubConfigSpec(AutoConfig, model_type="vit"),
-        "lesion_metadata_config": SLIMPMetadataConfig,
-        "patient_metadata_config": SLIMPMetadataConfig,
+        "lesion_metadata_config": SLIMPLesionMetadataConfig,
+        "patient_metadata_config": SLIMPPatientMetadataConfig,
     }
 
     vision_config: Any = None
@@ -179,8 +210,8 @@ class SLIMPConfig(PreTrainedConfig):
     patient_aggregation: str = "mean"
     logit_scale_init_value: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
-    classifier_features: str = "image+lesion+patient"
-    classifier_representation: str = "projection"
+    classifier_features: str = DEFAULT_CLASSIFIER_FEATURES
+    classifier_representation: str = DEFAULT_CLASSIFIER_REPRESENTATION
     classifier_dropout: float = 0.0
     class_weights: list[float] | None = None
     initializer_range: float = 0.02
@@ -200,19 +231,19 @@ class SLIMPConfig(PreTrainedConfig):
                 f"SLIMPConfig.vision_config must be a transformers config or a dict, got {type(self.vision_config)}."
             )
         if self.lesion_metadata_config is None:
-            self.lesion_metadata_config = SLIMPMetadataConfig(
+            self.lesion_metadata_config = SLIMPLesionMetadataConfig(
                 numerical_features=list(ISIC2024_LESION_NUMERICAL),
                 categorical_features={k: list(v) for k, v in ISIC2024_LESION_CATEGORICAL.items()},
             )
         if self.patient_metadata_config is None:
-            self.patient_metadata_config = SLIMPMetadataConfig(
+            self.patient_metadata_config = SLIMPPatientMetadataConfig(
                 numerical_features=list(ISIC2024_PATIENT_NUMERICAL),
                 categorical_features={k: list(v) for k, v in ISIC2024_PATIENT_CATEGORICAL.items()},
             )
         for key in ("lesion_metadata_config", "patient_metadata_config"):
             value = getattr(self, key)
             if isinstance(value, dict):
-                setattr(self, key, SLIMPMetadataConfig(**value))
+                setattr(self, key, self.sub_configs[key](**value))
             elif not isinstance(value, SLIMPMetadataConfig):
                 raise TypeError(f"SLIMPConfig.{key} must be a SLIMPMetadataConfig or a dict, got {type(value)}.")
         super().__post_init__(**kwargs)
@@ -250,4 +281,6 @@ class SLIMPConfig(PreTrainedConfig):
             raise ValueError(f"SLIMPConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
 
 
-__all__ = ["SLIMPConfig", "SLIMPMetadataConfig", "CLASSIFIER_FEATURES", "CLASSIFIER_REPRESENTATIONS", "PATIENT_AGGREGATIONS"]
+__all__ = ["SLIMPConfig", "SLIMPMetadataConfig", "SLIMPLesionMetadataConfig", "SLIMPPatientMetadataConfig",
+           "CLASSIFIER_FEATURES", "CLASSIFIER_REPRESENTATIONS", "DEFAULT_CLASSIFIER_FEATURES",
+           "DEFAULT_CLASSIFIER_REPRESENTATION", "PATIENT_AGGREGATIONS"]

@@ -9,7 +9,15 @@ import torch
 from transformers import AutoConfig, Dinov2Config, ResNetConfig, ViTConfig
 
 from conftest import tiny_config
-from modeling_slimp import SLIMPConfig, SLIMPMetadataConfig, SLIMPModel
+from modeling_slimp import (
+    SLIMPConfig,
+    SLIMPForLesionClassification,
+    SLIMPLesionMetadataConfig,
+    SLIMPMetadataConfig,
+    SLIMPModel,
+    SLIMPPatientMetadataConfig,
+)
+from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION
 
 
 @pytest.mark.parametrize(
@@ -130,3 +138,65 @@ def test_the_default_config_and_the_isic2024_converter_read_the_same_columns():
     assert not [f for f in features if contract.leaks_label(f)]
     assert set(features) <= set(CSV_COLUMNS) <= set(contract.ISIC2024_CSV_COLUMNS)
     assert len(contract.ISIC2024_CSV_COLUMNS) == len(set(contract.ISIC2024_CSV_COLUMNS)) == 55
+
+
+def test_each_sub_config_loads_from_a_whole_checkpoint_by_its_own_key(tmp_path):
+    """The lesion and the patient towers share a config class but not a key: each loads its own tower's schema,
+    and the shared class, which cannot know which tower is meant, refuses instead of returning one silently."""
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    lesion = SLIMPLesionMetadataConfig.from_pretrained(tmp_path)
+    patient = SLIMPPatientMetadataConfig.from_pretrained(tmp_path)
+    assert _comparable(lesion) == _comparable(config.lesion_metadata_config)
+    assert _comparable(patient) == _comparable(config.patient_metadata_config)
+    assert lesion.numerical_features != patient.numerical_features  # really two different towers
+    vision = ViTConfig.from_pretrained(tmp_path)
+    assert (vision.image_size, vision.hidden_size) == (config.vision_config.image_size, config.vision_config.hidden_size)
+    with pytest.raises(ValueError, match="SLIMPLesionMetadataConfig.*SLIMPPatientMetadataConfig"):
+        SLIMPMetadataConfig.from_pretrained(tmp_path)
+    # A tower config saved on its own still loads with either class.
+    lesion.save_pretrained(tmp_path / "lesion")
+    assert _comparable(SLIMPMetadataConfig.from_pretrained(tmp_path / "lesion")) == _comparable(lesion)
+
+
+def test_sub_configs_are_the_classes_that_know_their_key(tmp_path):
+    config = SLIMPConfig.from_dict(tiny_config().to_dict())
+    assert type(config.lesion_metadata_config) is SLIMPLesionMetadataConfig
+    assert type(config.patient_metadata_config) is SLIMPPatientMetadataConfig
+    assert SLIMPConfig.sub_configs["lesion_metadata_config"] is SLIMPLesionMetadataConfig
+    assert SLIMPConfig.sub_configs["patient_metadata_config"] is SLIMPPatientMetadataConfig
+
+
+def test_classifier_defaults_are_the_measured_ones_stated_once():
+    """One set of defaults (every part, tower outputs), read by the config, the fine-tuning script and the probes."""
+    from training.finetune import ModelArguments
+    from training.probe import DEFAULT_REPRESENTATION
+
+    assert (DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION) == ("image+lesion+patient+context", "tower")
+    config = SLIMPConfig()
+    assert (config.classifier_features, config.classifier_representation) == (DEFAULT_CLASSIFIER_FEATURES,
+                                                                            DEFAULT_CLASSIFIER_REPRESENTATION)
+    arguments = ModelArguments(model_dir="unused")
+    assert (arguments.classifier_features, arguments.representation) == (DEFAULT_CLASSIFIER_FEATURES,
+                                                                         DEFAULT_CLASSIFIER_REPRESENTATION)
+    assert DEFAULT_REPRESENTATION == DEFAULT_CLASSIFIER_REPRESENTATION
+    model = SLIMPForLesionClassification(tiny_config())
+    assert model.parts == ["image", "lesion", "patient", "context"]
+    assert model.classifier.in_features == 32 + 16 + 24 + (32 + 16)  # tower widths (ViT, lesion, patient) + context
+
+
+def test_a_checkpoint_config_of_the_previous_release_loads_with_its_own_values(tmp_path):
+    """config.json files written before the defaults changed name their classifier fields, and their towers as
+    plain `slimp_metadata` dicts: they load with those values and the tower classes that know their key."""
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update(classifier_features="image+lesion+patient", classifier_representation="projection")
+    for key in ("lesion_metadata_config", "patient_metadata_config"):
+        assert saved[key]["model_type"] == "slimp_metadata"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    restored = SLIMPConfig.from_pretrained(tmp_path)
+    assert (restored.classifier_features, restored.classifier_representation) == ("image+lesion+patient", "projection")
+    assert type(restored.lesion_metadata_config) is SLIMPLesionMetadataConfig
+    model = SLIMPForLesionClassification(restored)
+    assert model.classifier.in_features == 3 * restored.projection_dim

@@ -350,7 +350,7 @@ def test_from_vision_pretrained_copies_vision_weights(tmp_path, backbone):
 
 @pytest.mark.parametrize("features", ["image", "image+lesion", "image+lesion+patient"])
 def test_classifier_features_with_and_without_metadata(features):
-    model = build(SLIMPForLesionClassification, classifier_features=features)
+    model = build(SLIMPForLesionClassification, classifier_features=features, classifier_representation="projection")
     batch = make_batch(model.config, lesions_per_patient=(2, 3))
     labels = torch.tensor([0, 1, 2, 1, 0])
     assert model.classifier.in_features == 12 * len(features.split("+"))
@@ -390,7 +390,8 @@ def test_class_weights_weight_the_loss():
 
 
 def test_image_only_path_is_affine_in_the_image_feature():
-    model = build(SLIMPForLesionClassification, classifier_features="image+lesion+patient")
+    model = build(SLIMPForLesionClassification, classifier_features="image+lesion+patient",
+                  classifier_representation="projection")
     torch.manual_seed(2)
     pixels = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
     image_weight = model.classifier.weight[:, :12]  # the columns reading the image feature

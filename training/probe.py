@@ -28,13 +28,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_REPRESENTATION
 from training.embeddings import REPRESENTATIONS, context_of
 from training.metrics import auroc, balanced_accuracy, isic2024_pauc, recall_at_k, top_k_sensitivity
 
 FEATURE_SETS = ("image", "image+context", "image+metadata", "image+metadata+context")
 # Default representation of the probes, chosen by measurement (bench/quality.py: the tower outputs probe
 # better than the projected embeddings on validation, for every pre-training variant).
-DEFAULT_REPRESENTATION = "tower"
+DEFAULT_REPRESENTATION = DEFAULT_CLASSIFIER_REPRESENTATION  # what the default classifier head reads
 
 
 def _key(name: str, representation: str) -> str:
