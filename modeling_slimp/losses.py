@@ -1,4 +1,5 @@
-"""SLIMP's losses: cross-process gathering with gradients, symmetric InfoNCE, NT-Xent, the nested loss.
+"""SLIMP's losses: cross-process gathering with gradients, symmetric InfoNCE, NT-Xent, the nested loss, and the
+classifier's weighted cross-entropy.
 
 Torch only. Every cross-process communication goes through `gather_features`.
 
@@ -162,4 +163,25 @@ class NestedContrastiveLoss(nn.Module):
         return NestedLossOutput(loss, lesion_loss, patient_loss, image_ssl_loss, logits_per_image, logits_per_phenotype)
 
 
-__all__ = ["gather_features", "distributed_context", "clamped_logit_scale", "symmetric_infonce", "nt_xent", "NestedContrastiveLoss", "NestedLossOutput"]
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weights: list[float] | None = None,
+                           num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The classifier's loss: class-weighted cross-entropy summed over the labelled lesions (label -100: none),
+    divided by `num_items_in_batch` when given (Trainer's count over accumulated batches), else by this batch's
+    labelled lesions, so accumulated batches add up to the large batch. logits (N, C), labels (N,)."""
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), one per lesion, got {tuple(labels.shape)}.")
+    labels = labels.long()
+    labelled = labels != -100
+    per_lesion = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    if class_weights is not None:
+        weight = torch.tensor(class_weights, dtype=torch.float32, device=logits.device)
+        per_lesion = per_lesion * weight[labels.clamp(min=0)]
+    total = torch.where(labelled, per_lesion, torch.zeros_like(per_lesion)).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
+    if torch.is_tensor(count):
+        return total / count.to(total.device, total.dtype).clamp(min=1)
+    return total / max(int(count), 1)
+
+
+__all__ = ["gather_features", "distributed_context", "clamped_logit_scale", "symmetric_infonce", "nt_xent",
+           "NestedContrastiveLoss", "NestedLossOutput", "weighted_cross_entropy"]

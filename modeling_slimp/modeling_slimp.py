@@ -17,24 +17,38 @@ Inference runs no loss: `forward` computes embeddings and logits, and the nested
 `return_loss=True`. Pooling is a sum over lesions (`pooling.PatientSums`), so a patient whose lesions are
 spread over several batches can be pooled exactly (`new_patient_sums` / `add_lesions` / `phenotype_from_sums`).
 
+The three towers are transformers sub-models: `attn_implementation` ("sdpa", the default, or "eager"),
+`output_attentions`, `output_hidden_states` and gradient checkpointing reach all of them, and the
+`get_*_features` methods return output objects whose `pooler_output` is the projected feature, as CLIP's.
+
 Class order: `SLIMPOutput -> SLIMPPreTrainedModel -> SLIMPModel -> SLIMPForLesionClassification`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
-from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
-from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context
-from .metadata_encoder import SLIMPFeatureTokenizer, SLIMPMetadataEncoder
+from .configuration_slimp import SLIMPConfig
+from .input_checks import (
+    LARGE_LOSS_BATCH,
+    check_batch,
+    check_checkpoint,
+    check_pixel_values,
+    is_tracing,
+    metadata_rows,
+    missing_metadata,
+    output_flags,
+    resolve_patients,
+)
+from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context, weighted_cross_entropy
+from .metadata_encoder import SLIMPMetadataEncoder, init_slimp_weights
 from .pooling import PatientSums, SLIMPAttentionPooling
 
 logger = logging.get_logger(__name__)
@@ -55,7 +69,10 @@ class SLIMPOutput(ModelOutput):
         L2-normalised embeddings.
     image_pooled_output (`(N, C)`), lesion_metadata_pooled_output (`(N, H)`), patient_metadata_pooled_output
         (`(P, H')`): the tower outputs before the projections (pooled image feature, metadata [CLS]).
-    vision_model_output: the image backbone's own output.
+    vision_model_output, lesion_metadata_model_output, patient_metadata_model_output: each tower's own output
+        (with its hidden states and attention maps when asked).
+    hidden_states, attentions: the image tower's, with `output_hidden_states` / `output_attentions` (as in an
+        image classifier's output; also in `vision_model_output`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -72,6 +89,10 @@ class SLIMPOutput(ModelOutput):
     lesion_metadata_pooled_output: torch.FloatTensor | None = None
     patient_metadata_pooled_output: torch.FloatTensor | None = None
     vision_model_output: ModelOutput | None = None
+    lesion_metadata_model_output: BaseModelOutputWithPooling | None = None
+    patient_metadata_model_output: BaseModelOutputWithPooling | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def vision_feature_size(config: SLIMPConfig) -> int:
@@ -98,32 +119,23 @@ class SLIMPPreTrainedModel(PreTrainedModel):
     base_model_prefix = "slimp"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    _supports_sdpa = True  # every tower: the image backbone's own, the metadata towers' attention interface
     _no_split_modules = ["SLIMPEncoderLayer"]
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, SLIMPFeatureTokenizer):
-            # Per-feature affine maps of a unit-variance input, as in the FT-Transformer.
-            bound = 1 / math.sqrt(module.config.hidden_size)
-            for parameter in (module.numerical_weight, module.numerical_bias, module.numerical_missing):
-                if parameter is not None:
-                    nn.init.uniform_(parameter, -bound, bound)
-            module.reset_schema_buffers()
-        elif isinstance(module, SLIMPMetadataEncoder):
-            nn.init.normal_(module.cls_token, std=std)
-        elif isinstance(module, SLIMPModel):
+        init_slimp_weights(module, self.config.initializer_range)
+        if isinstance(module, SLIMPModel):
             nn.init.constant_(module.lesion_logit_scale, self.config.logit_scale_init_value)
             nn.init.constant_(module.patient_logit_scale, self.config.logit_scale_init_value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, refusing another architecture's checkpoint (a plain ViT folder:
+        use `SLIMPModel.from_vision_pretrained`) and warning when a local checkpoint's code files differ from
+        the SLIMP code running now."""
+        if pretrained_model_name_or_path is not None:
+            check_checkpoint(pretrained_model_name_or_path, SLIMPConfig.model_type, cls.__name__, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, with an `auto_map` naming all three auto classes whichever class is saved."""
@@ -133,82 +145,6 @@ class SLIMPPreTrainedModel(PreTrainedModel):
             "AutoModelForImageClassification": "modeling_slimp.SLIMPForLesionClassification",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-# ----- input checks: a ValueError that names the input and what was expected, never a raw shape error -----
-def _rows(numerical: torch.Tensor | None, categorical: torch.Tensor | None) -> int | None:
-    for tensor in (numerical, categorical):
-        if tensor is not None:
-            return tensor.shape[0]
-    return None
-
-
-def _check_pixel_values(pixel_values: torch.Tensor, name: str = "pixel_values") -> None:
-    if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
-        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
-        raise ValueError(f"{name} must be a (N, 3, H, W) tensor of images, got {shape}; a single image needs a batch "
-                         "dimension (pixel_values[None]).")
-    if pixel_values.shape[0] == 0:
-        raise ValueError(f"{name} holds no image (N = 0); give at least one lesion.")
-    if not pixel_values.is_floating_point():
-        raise ValueError(f"{name} has dtype {pixel_values.dtype}: the model takes normalised float images. Run raw "
-                         "images through SLIMPProcessor (or its image processor) first.")
-
-
-def _check_metadata(name: str, tensor: torch.Tensor | None, rows: int, columns: int, what: str, floating: bool) -> None:
-    if tensor is None:
-        return
-    if tensor.ndim != 2 or tensor.shape != (rows, columns):
-        raise ValueError(f"{name} must have shape ({rows}, {columns}): one row per {what} and one column per feature "
-                         f"of the config's schema, got {tuple(tensor.shape)}.")
-    if not floating and tensor.is_floating_point():
-        raise ValueError(f"{name} must hold integer category ids (0 = missing), got dtype {tensor.dtype}.")
-
-
-def resolve_patients(patient_index: torch.Tensor | None, num_patients: int | None, num_lesions: int,
-                     device) -> tuple[torch.Tensor, int]:
-    """Validated `(patient_index (N,) long, P)`. Without `patient_index` every lesion is its own patient.
-
-    `num_patients` is the number of patient metadata rows, when given; otherwise P = max index + 1.
-    Raises ValueError naming `patient_index` for a wrong shape or dtype, an index outside [0, P), or a
-    patient row that no lesion points to (its phenotype would be empty).
-    """
-    if patient_index is None:
-        if num_patients not in (None, num_lesions):
-            raise ValueError(f"patient metadata has {num_patients} rows but no patient_index maps the {num_lesions} "
-                             "lesions to them; give patient_index (N,) with values in [0, P).")
-        return torch.arange(num_lesions, device=device), num_lesions
-    if not torch.is_tensor(patient_index) or patient_index.shape != (num_lesions,):
-        shape = tuple(patient_index.shape) if torch.is_tensor(patient_index) else type(patient_index).__name__
-        raise ValueError(f"patient_index must have shape ({num_lesions},), one entry per lesion, got {shape}.")
-    if patient_index.is_floating_point() or patient_index.dtype == torch.bool:
-        raise ValueError(f"patient_index must hold integer patient indices, got dtype {patient_index.dtype}.")
-    patient_index = patient_index.long()
-
-    def lesions_per_row(rows: int) -> torch.Tensor:  # (rows,) lesions pointing at each patient row
-        ones = torch.ones(num_lesions, device=patient_index.device)
-        return torch.zeros(rows, device=patient_index.device).index_add(0, patient_index.clamp(0, max(rows - 1, 0)), ones)
-
-    if num_patients is None:  # P from the indices: one host sync more
-        num_patients = int(patient_index.max()) + 1 if num_lesions else 0
-    hits = lesions_per_row(num_patients)
-    # One host sync for the three checks.
-    low, high, empty = (int(v) for v in torch.stack([patient_index.min(), patient_index.max(), (hits == 0).sum()]).tolist())
-    if low < 0 or high >= num_patients:
-        raise ValueError(f"patient_index must lie in [0, {num_patients}) (P = {num_patients} patient rows), got values "
-                         f"from {low} to {high}.")
-    if empty:
-        rows = torch.nonzero(hits == 0).flatten()[:5].tolist()
-        raise ValueError(f"patient rows {rows} have no lesion in patient_index: every patient row needs at least one "
-                         "lesion (its phenotype is the pool of its lesions); leave such patients out of the batch.")
-    return patient_index, num_patients
-
-
-def _missing_metadata(config: SLIMPMetadataConfig, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-missing metadata for `rows` items: (rows, Fn) NaN and (rows, Fc) zeros."""
-    numerical = torch.full((rows, config.num_numerical), float("nan"), device=device)
-    categorical = torch.zeros((rows, config.num_categorical), dtype=torch.long, device=device)
-    return numerical, categorical
 
 
 class SLIMPModel(SLIMPPreTrainedModel):
@@ -259,46 +195,90 @@ class SLIMPModel(SLIMPPreTrainedModel):
             raise ValueError(f"Vision checkpoint '{vision_model_name_or_path}' lacks weights for: {missing[:10]}")
         return model
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The image tower's input embedding (the patch embedding of a ViT); each metadata tower, a sub-model,
+        exposes its own feature tokenizer, so `enable_input_require_grads` hooks all three."""
+        return self.vision_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vision_model.set_input_embeddings(value)
+
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lesion, patient) logit scales: exp of the learned log scales, clamped at `config.max_logit_scale`."""
         ceiling = self.config.max_logit_scale
         return clamped_logit_scale(self.lesion_logit_scale, ceiling), clamped_logit_scale(self.patient_logit_scale, ceiling)
 
     # ----- towers: outputs before the projections -----
-    def image_tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+    def image_tower(self, pixel_values: torch.Tensor, output_attentions: bool = False,
+                    output_hidden_states=False) -> tuple[torch.Tensor, ModelOutput]:
         """(N, 3, H, W) -> (pooled feature (N, C), backbone output): the final-norm [CLS] of a token
         backbone (ViT, DINOv2), the pooler output of a CNN (global average pool)."""
-        output = self.vision_model(pixel_values=pixel_values.to(self.dtype))
+        flags = {"output_hidden_states": output_hidden_states} if output_hidden_states else {}
+        if output_attentions:
+            flags["output_attentions"] = True  # CNN backbones have no attention to return
+        output = self.vision_model(pixel_values=pixel_values.to(self.dtype), return_dict=True, **flags)
         return pooled_image_feature(self.config.vision_config, output), output
+
+    def metadata_tower(self, tower: SLIMPMetadataEncoder, numerical=None, categorical=None, rows=None,
+                       output_attentions: bool = False, output_hidden_states=False) -> BaseModelOutputWithPooling:
+        """One metadata tower's output; absent inputs are all missing (`rows` then gives their number)."""
+        rows = rows if rows is not None else metadata_rows(numerical, categorical)
+        if rows is None:
+            raise ValueError("give the metadata tensors or the number of rows they would have")
+        config = tower.config
+        missing_numerical, missing_categorical = missing_metadata(config.num_numerical, config.num_categorical, rows,
+                                                                  self.device)
+        return tower(numerical if numerical is not None else missing_numerical,
+                     categorical if categorical is not None else missing_categorical,
+                     output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states))
 
     def lesion_metadata_tower(self, lesion_numerical_values=None, lesion_categorical_ids=None, num_lesions=None) -> torch.Tensor:
         """(N, Fn) raw values + (N, Fc) ids -> the lesion tower's final-norm [CLS] (N, H)."""
-        return self._metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids, num_lesions)
+        return self.metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids,
+                                   num_lesions).pooler_output
 
     def patient_metadata_tower(self, patient_numerical_values=None, patient_categorical_ids=None, num_patients=None) -> torch.Tensor:
         """(P, Gn) raw values + (P, Gc) ids -> the patient tower's final-norm [CLS] (P, H')."""
-        return self._metadata_tower(self.patient_metadata_model, patient_numerical_values, patient_categorical_ids, num_patients)
+        return self.metadata_tower(self.patient_metadata_model, patient_numerical_values, patient_categorical_ids,
+                                   num_patients).pooler_output
 
-    def _metadata_tower(self, tower: SLIMPMetadataEncoder, numerical, categorical, rows) -> torch.Tensor:
-        rows = rows if rows is not None else _rows(numerical, categorical)
-        if rows is None:
-            raise ValueError("give the metadata tensors or the number of rows they would have")
-        missing_numerical, missing_categorical = _missing_metadata(tower.config, rows, self.device)
-        return tower(numerical if numerical is not None else missing_numerical,
-                     categorical if categorical is not None else missing_categorical)
+    # ----- projected features (un-normalised), as CLIP's get_*_features: output objects, pooler_output = features -----
+    def get_image_features(self, pixel_values: torch.Tensor, output_attentions: bool | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None):
+        """(N, 3, H, W) -> the image tower's output with `pooler_output` = projected, un-normalised image
+        features (N, D) (`last_hidden_state`, `hidden_states`, `attentions`: the backbone's)."""
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
+        check_pixel_values(pixel_values)
+        pooled, output = self.image_tower(pixel_values, output_attentions, output_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state, pooler_output=self.visual_projection(pooled),
+            hidden_states=output.get("hidden_states"), attentions=output.get("attentions"))
+        return output if return_dict else output.to_tuple()
 
-    # ----- projected features (un-normalised), as CLIP's get_*_features -----
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> projected, un-normalised image features (N, D)."""
-        return self.visual_projection(self.image_tower(pixel_values)[0])
+    def _projected_metadata(self, tower, projection, numerical, categorical, rows, output_attentions,
+                            output_hidden_states, return_dict):
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
+        output = self.metadata_tower(tower, numerical, categorical, rows, output_attentions, output_hidden_states)
+        output.pooler_output = projection(output.pooler_output)
+        return output if return_dict else output.to_tuple()
 
-    def get_lesion_metadata_features(self, lesion_numerical_values=None, lesion_categorical_ids=None, num_lesions=None) -> torch.Tensor:
-        """(N, Fn) raw values + (N, Fc) ids -> projected, un-normalised features (N, D)."""
-        return self.lesion_metadata_projection(self.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, num_lesions))
+    def get_lesion_metadata_features(self, lesion_numerical_values=None, lesion_categorical_ids=None, num_lesions=None,
+                                     output_attentions=None, output_hidden_states=None, return_dict=None):
+        """(N, Fn) raw values + (N, Fc) ids -> the lesion tower's output with `pooler_output` = projected,
+        un-normalised features (N, D). Without inputs, `num_lesions` all-missing rows."""
+        return self._projected_metadata(self.lesion_metadata_model, self.lesion_metadata_projection, lesion_numerical_values,
+                                        lesion_categorical_ids, num_lesions, output_attentions, output_hidden_states,
+                                        return_dict)
 
-    def get_patient_metadata_features(self, patient_numerical_values=None, patient_categorical_ids=None, num_patients=None) -> torch.Tensor:
-        """(P, Gn) raw values + (P, Gc) ids -> projected, un-normalised features (P, D)."""
-        return self.patient_metadata_projection(self.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients))
+    def get_patient_metadata_features(self, patient_numerical_values=None, patient_categorical_ids=None, num_patients=None,
+                                      output_attentions=None, output_hidden_states=None, return_dict=None):
+        """(P, Gn) raw values + (P, Gc) ids -> the patient tower's output with `pooler_output` = projected,
+        un-normalised features (P, D). Without inputs, `num_patients` all-missing rows."""
+        return self._projected_metadata(self.patient_metadata_model, self.patient_metadata_projection,
+                                        patient_numerical_values, patient_categorical_ids, num_patients, output_attentions,
+                                        output_hidden_states, return_dict)
 
     # ----- the phenotype: per-patient sums, exact however the lesions are batched -----
     def new_patient_sums(self, num_patients: int, device=None) -> PatientSums:
@@ -313,10 +293,14 @@ class SLIMPModel(SLIMPPreTrainedModel):
         scores = self.patient_pooling(lesions) if self.patient_pooling is not None else None
         return sums.add(lesions, patient_index, scores)
 
+    def pooled_lesions(self, sums: PatientSums) -> torch.Tensor:
+        """(P, 2D) each patient's pooled lesion representations (mean or attention pooling)."""
+        pooled = sums.attention_pool() if self.patient_pooling is not None else sums.mean()
+        return pooled.to(self.phenotype_projection.weight.dtype)
+
     def phenotype_from_sums(self, sums: PatientSums) -> torch.Tensor:
         """Projected, un-normalised phenotype features (P, D) of the pooled lesions."""
-        pooled = sums.attention_pool() if self.patient_pooling is not None else sums.mean()  # (P, 2D)
-        return self.phenotype_projection(pooled.to(self.phenotype_projection.weight.dtype))
+        return self.phenotype_projection(self.pooled_lesions(sums))
 
     def aggregate_phenotype(self, image_embeds: torch.Tensor, lesion_metadata_embeds: torch.Tensor,
                             patient_index: torch.Tensor, num_patients: int) -> torch.Tensor:
@@ -326,33 +310,20 @@ class SLIMPModel(SLIMPPreTrainedModel):
         return self.phenotype_from_sums(sums)
 
     def get_phenotype_features(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
-                               patient_index=None, num_patients=None) -> torch.Tensor:
-        """Projected, un-normalised phenotype features (P, D) of the patients of a batch of lesions."""
-        _check_pixel_values(pixel_values)
+                               patient_index=None, num_patients=None, return_dict=None):
+        """The phenotypes of the patients of a batch of lesions: `pooler_output` = projected, un-normalised
+        phenotype features (P, D), `last_hidden_state` = the pooled lesion representations (P, 2D) they project."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values)
         patient_index, num_patients = resolve_patients(patient_index, num_patients, pixel_values.shape[0], pixel_values.device)
-        image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
-        lesion_embeds = F.normalize(
-            self.get_lesion_metadata_features(lesion_numerical_values, lesion_categorical_ids, pixel_values.shape[0]), dim=-1
-        )
-        return self.aggregate_phenotype(image_embeds, lesion_embeds, patient_index, num_patients)
-
-    def check_inputs(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
-                     patient_numerical_values=None, patient_categorical_ids=None, patient_index=None) -> tuple[torch.Tensor, int]:
-        """Validate a batch (see the input table of the README); returns `(patient_index, P)`."""
-        _check_pixel_values(pixel_values)
-        num_lesions = pixel_values.shape[0]
-        lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
-        _check_metadata("lesion_numerical_values", lesion_numerical_values, num_lesions, lesion.num_numerical, "lesion", True)
-        _check_metadata("lesion_categorical_ids", lesion_categorical_ids, num_lesions, lesion.num_categorical, "lesion", False)
-        num_patients = _rows(patient_numerical_values, patient_categorical_ids)
-        if patient_numerical_values is not None and patient_categorical_ids is not None \
-                and patient_numerical_values.shape[0] != patient_categorical_ids.shape[0]:
-            raise ValueError(f"patient_numerical_values has {patient_numerical_values.shape[0]} rows but "
-                             f"patient_categorical_ids has {patient_categorical_ids.shape[0]}: one row per patient in both.")
-        patient_index, num_patients = resolve_patients(patient_index, num_patients, num_lesions, pixel_values.device)
-        _check_metadata("patient_numerical_values", patient_numerical_values, num_patients, patient.num_numerical, "patient", True)
-        _check_metadata("patient_categorical_ids", patient_categorical_ids, num_patients, patient.num_categorical, "patient", False)
-        return patient_index, num_patients
+        image_embeds = F.normalize(self.get_image_features(pixel_values, return_dict=True).pooler_output, dim=-1)
+        lesion_embeds = F.normalize(self.get_lesion_metadata_features(
+            lesion_numerical_values, lesion_categorical_ids, pixel_values.shape[0], return_dict=True).pooler_output, dim=-1)
+        sums = self.add_lesions(self.new_patient_sums(num_patients, pixel_values.device), image_embeds, lesion_embeds,
+                                patient_index)
+        pooled = self.pooled_lesions(sums)
+        output = BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.phenotype_projection(pooled))
+        return output if return_dict else output.to_tuple()
 
     def forward(
         self,
@@ -364,21 +335,36 @@ class SLIMPModel(SLIMPPreTrainedModel):
         patient_index: torch.Tensor | None = None,
         ssl_pixel_values: torch.Tensor | None = None,
         return_loss: bool = False,
-        **kwargs,
-    ) -> SLIMPOutput:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SLIMPOutput | tuple:
         """See `SLIMPOutput`. `ssl_pixel_values` (N, 3, H, W): a second view of each image for the SimCLR term.
 
         The nested loss runs only with `return_loss=True`. In training mode under an initialised
         `torch.distributed`, its embeddings are gathered across processes (each process must hold whole
         patients) and the loss is the global-batch loss; in eval mode (validation) it is the loss of this
-        process's batch.
+        process's batch. Its (N, N) logits grow with the square of the batch: above `LARGE_LOSS_BATCH` lesions
+        (8,192) in one forward it warns; split such a set into batches of whole patients (the loss of a
+        validation set is the mean over its batches) or evaluate without the loss. `output_attentions`,
+        `output_hidden_states` and `return_dict` default to the config's values, as in any transformers model.
         """
-        patient_index, num_patients = self.check_inputs(pixel_values, lesion_numerical_values, lesion_categorical_ids,
-                                                        patient_numerical_values, patient_categorical_ids, patient_index)
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
+        patient_index, num_patients = check_batch(self.config, pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                                  patient_numerical_values, patient_categorical_ids, patient_index)
         num_lesions = pixel_values.shape[0]
-        image_pooled, vision_output = self.image_tower(pixel_values)  # (N, C)
-        lesion_pooled = self.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, num_lesions)  # (N, H)
-        patient_pooled = self.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients)  # (P, H')
+        if return_loss and not is_tracing() and num_lesions > LARGE_LOSS_BATCH:
+            logger.warning(f"return_loss=True on {num_lesions} lesions in one forward: the loss builds ({num_lesions}, "
+                           f"{num_lesions}) logits, their memory and time grow with the square of the batch. Use batches "
+                           f"of at most {LARGE_LOSS_BATCH} lesions (whole patients each), or no loss for embeddings.")
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        image_pooled, vision_output = self.image_tower(pixel_values, **flags)  # (N, C)
+        lesion_output = self.metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids,
+                                            num_lesions, **flags)  # pooler_output (N, H)
+        patient_output = self.metadata_tower(self.patient_metadata_model, patient_numerical_values,
+                                             patient_categorical_ids, num_patients, **flags)  # pooler_output (P, H')
+        lesion_pooled, patient_pooled = lesion_output.pooler_output, patient_output.pooler_output
         image_embeds = F.normalize(self.visual_projection(image_pooled), dim=-1)  # (N, D)
         lesion_metadata_embeds = F.normalize(self.lesion_metadata_projection(lesion_pooled), dim=-1)  # (N, D)
         patient_metadata_embeds = F.normalize(self.patient_metadata_projection(patient_pooled), dim=-1)  # (P, D)
@@ -390,8 +376,8 @@ class SLIMPModel(SLIMPPreTrainedModel):
         if return_loss:
             ssl_embeds = None
             if ssl_pixel_values is not None and self.config.image_ssl_weight > 0:
-                _check_pixel_values(ssl_pixel_values, "ssl_pixel_values")
-                ssl_embeds = F.normalize(self.get_image_features(ssl_pixel_values), dim=-1)
+                check_pixel_values(ssl_pixel_values, "ssl_pixel_values")
+                ssl_embeds = F.normalize(self.visual_projection(self.image_tower(ssl_pixel_values)[0]), dim=-1)
             rank, world_size = distributed_context() if self.training else (0, 1)
             terms = self.contrastive_loss(
                 image_embeds, lesion_metadata_embeds, phenotype_embeds, patient_metadata_embeds, lesion_scale, patient_scale,
@@ -403,7 +389,7 @@ class SLIMPModel(SLIMPPreTrainedModel):
         else:
             logits_per_image = lesion_scale * image_embeds @ lesion_metadata_embeds.t()  # (N, N)
             logits_per_phenotype = patient_scale * phenotype_embeds @ patient_metadata_embeds.t()  # (P, P)
-        return SLIMPOutput(
+        output = SLIMPOutput(
             loss=terms.loss if terms else None,
             lesion_loss=terms.lesion_loss if terms else None,
             patient_loss=terms.patient_loss if terms else None,
@@ -418,7 +404,12 @@ class SLIMPModel(SLIMPPreTrainedModel):
             lesion_metadata_pooled_output=lesion_pooled,
             patient_metadata_pooled_output=patient_pooled,
             vision_model_output=vision_output,
+            lesion_metadata_model_output=lesion_output,
+            patient_metadata_model_output=patient_output,
+            hidden_states=vision_output.get("hidden_states"),
+            attentions=vision_output.get("attentions"),
         )
+        return output if return_dict else output.to_tuple()
 
 
 class SLIMPForLesionClassification(SLIMPPreTrainedModel):
@@ -430,6 +421,12 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
     one-lesion patient). `config.classifier_representation` picks the projected, un-normalised features
     or the tower outputs before the projection.
 
+    What the head never reads (the contrastive logit scales, the phenotype projection and pooling, the
+    projections when it reads the towers, a tower whose part it leaves out) is frozen (`requires_grad=False`,
+    also after `from_pretrained`): no trainable parameter without a gradient, which would stop DDP (`Trainer`
+    with gradient checkpointing runs DDP with `find_unused_parameters=False`). The weights keep their keys, so
+    SLIMP checkpoints load into the classifier and its checkpoints load back into `SLIMPModel`.
+
     Absent metadata is missing and, without `patient_index`, every lesion is its own patient, so
     `pipeline("image-classification")`, which passes only `pixel_values`, works and its path is affine
     in the image feature (exportable to a built-in classifier). A head fitted on metadata or context is
@@ -439,6 +436,8 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
     `classify` (what the project's evaluation does), so the context covers all of the patient's lesions.
     """
 
+    accepts_loss_kwargs = True  # `Trainer` passes `num_items_in_batch`, the loss's divisor under accumulation
+
     def __init__(self, config: SLIMPConfig):
         super().__init__(config)
         self.slimp = SLIMPModel(config)
@@ -447,11 +446,35 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         self.classifier = nn.Linear(sum(sizes[part] for part in self.parts), config.num_labels)
         self._warned_images_only = False
         self.post_init()
+        self.freeze_unused()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained` (which makes every loaded weight trainable), then `freeze_unused`."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()  # (model, loading info) on request
+        return loaded
 
     @property
     def parts(self) -> list[str]:
         """The parts the head reads, in order (`config.classifier_features` split at "+")."""
         return self.config.classifier_features.split("+")
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """The parameters of `slimp` that this head's forward never reads."""
+        slimp, parts = self.slimp, self.parts
+        unused = [slimp.phenotype_projection] + ([slimp.patient_pooling] if slimp.patient_pooling is not None else [])
+        if self.config.classifier_representation == "tower":
+            unused += [slimp.visual_projection, slimp.lesion_metadata_projection, slimp.patient_metadata_projection]
+        for part in ("lesion", "patient"):
+            if part not in parts:
+                unused += [getattr(slimp, f"{part}_metadata_model"), getattr(slimp, f"{part}_metadata_projection")]
+        return [slimp.lesion_logit_scale, slimp.patient_logit_scale] + [p for module in unused for p in module.parameters()]
+
+    def freeze_unused(self) -> None:
+        """`requires_grad=False` on `unused_parameters` (done at construction and after `from_pretrained`)."""
+        for parameter in self.unused_parameters():
+            parameter.requires_grad_(False)
 
     def part_sizes(self) -> dict[str, int]:
         """Width of each part in the head's input."""
@@ -469,14 +492,16 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         return [part for part in ("image", "lesion") if part in self.parts]
 
     def lesion_features(self, pixel_values, lesion_numerical_values=None, lesion_categorical_ids=None,
-                        patient_numerical_values=None, patient_categorical_ids=None, patient_index=None) -> dict[str, torch.Tensor]:
+                        patient_numerical_values=None, patient_categorical_ids=None, patient_index=None,
+                        output_attentions: bool = False, output_hidden_states=False) -> dict:
         """The head's parts but the context, one row per lesion: `{"image": (N, ·), "lesion": ..., "patient": ...}`
-        (only those in `config.classifier_features`), plus `patient_index` (N,) and `num_patients`."""
+        (only those in `config.classifier_features`), plus `patient_index` (N,), `num_patients` and the image
+        tower's output `vision_model_output`."""
         slimp = self.slimp
-        patient_index, num_patients = slimp.check_inputs(pixel_values, lesion_numerical_values, lesion_categorical_ids,
-                                                         patient_numerical_values, patient_categorical_ids, patient_index)
+        patient_index, num_patients = check_batch(self.config, pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                                  patient_numerical_values, patient_categorical_ids, patient_index)
         projected = self.config.classifier_representation == "projection"
-        image = slimp.image_tower(pixel_values)[0]
+        image, vision_output = slimp.image_tower(pixel_values, output_attentions, output_hidden_states)
         features = {"image": slimp.visual_projection(image) if projected else image}
         if "lesion" in self.parts:
             lesion = slimp.lesion_metadata_tower(lesion_numerical_values, lesion_categorical_ids, pixel_values.shape[0])
@@ -484,7 +509,8 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         if "patient" in self.parts:
             patient = slimp.patient_metadata_tower(patient_numerical_values, patient_categorical_ids, num_patients)
             features["patient"] = (slimp.patient_metadata_projection(patient) if projected else patient)[patient_index]
-        return {**features, "patient_index": patient_index, "num_patients": num_patients}
+        return {**features, "patient_index": patient_index, "num_patients": num_patients,
+                "vision_model_output": vision_output}
 
     def context_representation(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, C) the representation the context compares: concat of the image (+ lesion) parts."""
@@ -522,17 +548,22 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         patient_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        """Returns `ImageClassifierOutput` with logits (N, num_labels) and, given labels (N,), the loss.
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        """Returns `ImageClassifierOutput` with logits (N, num_labels), given labels (N,) the loss, and the image
+        tower's `hidden_states` / `attentions` when asked.
 
-        The loss is the class-weighted cross-entropy summed over the labelled lesions (label -100: none)
-        and divided by `num_items_in_batch` when given (what `transformers.Trainer` passes under gradient
-        accumulation: the labelled lesions of all the accumulated batches), else by this batch's count, so
-        k accumulated batches give exactly the gradient of one batch k times larger. A batch without any
-        labelled lesion has loss 0.
+        The loss (`losses.weighted_cross_entropy`) is the class-weighted cross-entropy summed over the labelled
+        lesions (label -100: none) and divided by `num_items_in_batch` when given (what `transformers.Trainer`
+        passes under gradient accumulation: the labelled lesions of all the accumulated batches), else by this
+        batch's count, so k accumulated batches give exactly the gradient of one batch k times larger. A batch
+        without any labelled lesion has loss 0.
         """
-        if self.parts != ["image"] and not self._warned_images_only and all(value is None for value in (
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
+        if self.parts != ["image"] and not self._warned_images_only and not is_tracing() and all(value is None for value in (
                 lesion_numerical_values, lesion_categorical_ids, patient_numerical_values, patient_categorical_ids,
                 patient_index)):
             self._warned_images_only = True  # once per model
@@ -542,28 +573,16 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
                 "on (training/finetune.py scores this use in the 'test, images only' row of its card). Pass metadata "
                 "and patient_id through the processor, or fine-tune with classifier_features='image' for image-only use.")
         features = self.lesion_features(pixel_values, lesion_numerical_values, lesion_categorical_ids,
-                                        patient_numerical_values, patient_categorical_ids, patient_index)
+                                        patient_numerical_values, patient_categorical_ids, patient_index,
+                                        output_attentions, output_hidden_states)
         logits = self.classify(features, self.batch_context(features))  # (N, num_labels)
-        loss = self.classification_loss(logits, labels, num_items_in_batch) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor,
-                            num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Class-weighted cross-entropy sum over labelled lesions / `num_items_in_batch` (see `forward`)."""
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must have shape ({logits.shape[0]},), one per lesion, got {tuple(labels.shape)}.")
-        labels = labels.long()
-        labelled = labels != -100
-        per_lesion = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
-        if self.config.class_weights is not None:
-            weight = torch.tensor(self.config.class_weights, dtype=torch.float32, device=logits.device)
-            per_lesion = per_lesion * weight[labels.clamp(min=0)]
-        total = torch.where(labelled, per_lesion, torch.zeros_like(per_lesion)).sum()
-        count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
-        if torch.is_tensor(count):
-            return total / count.to(total.device, total.dtype).clamp(min=1)
-        return total / max(int(count), 1)
-
+        loss = None
+        if labels is not None:
+            loss = weighted_cross_entropy(logits, labels, self.config.class_weights, num_items_in_batch)
+        vision_output = features["vision_model_output"]
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=vision_output.get("hidden_states"),
+                                       attentions=vision_output.get("attentions"))
+        return output if return_dict else output.to_tuple()
 
 SLIMPConfig.register_for_auto_class("AutoConfig")
 SLIMPModel.register_for_auto_class("AutoModel")

@@ -85,8 +85,8 @@ def checkpoints(tmp_path_factory):
     with torch.no_grad():
         reference = {
             "pixel_values": pixel_values,
-            "model_image_features": model.get_image_features(pixel_values),
-            "classifier_image_features": classifier.slimp.get_image_features(pixel_values),
+            "model_image_features": model.get_image_features(pixel_values).pooler_output,
+            "classifier_image_features": classifier.slimp.get_image_features(pixel_values).pooler_output,
             "classifier_logits": classifier(pixel_values=pixel_values).logits,
             "pipeline_probs": pipeline_probs,
             "processor_batch": dict(processor(images=[Image.open(root / f"row{i}.png") for i in range(len(rows))],
@@ -167,7 +167,7 @@ def test_library_route_without_trust_remote_code(checkpoints):
     base = SLIMPModel.from_pretrained(root / "classifier").eval()  # the base model out of a classifier checkpoint
     pixel_values = checkpoints["reference"]["pixel_values"]
     with torch.no_grad():
-        torch.testing.assert_close(base.get_image_features(pixel_values),
+        torch.testing.assert_close(base.get_image_features(pixel_values).pooler_output,
                                    checkpoints["reference"]["classifier_image_features"], rtol=0, atol=1e-6)
 
 
@@ -201,9 +201,9 @@ with torch.no_grad():
     results = {
         "modeling_slimp_importable": importable,
         "classes": [type(m).__module__ + "." + type(m).__name__ for m in (base, base_from_classifier, classifier)],
-        "model_image_features": base.get_image_features(pixel_values),
-        "base_from_classifier_image_features": base_from_classifier.get_image_features(pixel_values),
-        "classifier_image_features": classifier.slimp.get_image_features(pixel_values),
+        "model_image_features": base.get_image_features(pixel_values).pooler_output,
+        "base_from_classifier_image_features": base_from_classifier.get_image_features(pixel_values).pooler_output,
+        "classifier_image_features": classifier.slimp.get_image_features(pixel_values).pooler_output,
         "classifier_logits": classifier(pixel_values=pixel_values).logits,
     }
 processor = AutoProcessor.from_pretrained(f"{root}/classifier", trust_remote_code=True)

@@ -61,11 +61,13 @@ def test_feature_getters_are_the_unnormalised_embeddings():
     batch = make_batch(model.config)
     out = model(**batch)
     assert out.loss is None and out.lesion_loss is None
-    image = model.get_image_features(batch["pixel_values"])
-    lesion = model.get_lesion_metadata_features(batch["lesion_numerical_values"], batch["lesion_categorical_ids"])
-    patient = model.get_patient_metadata_features(batch["patient_numerical_values"], batch["patient_categorical_ids"])
+    image = model.get_image_features(batch["pixel_values"]).pooler_output
+    lesion = model.get_lesion_metadata_features(batch["lesion_numerical_values"], batch["lesion_categorical_ids"]).pooler_output
+    patient = model.get_patient_metadata_features(batch["patient_numerical_values"],
+                                                  batch["patient_categorical_ids"]).pooler_output
     phenotype = model.get_phenotype_features(batch["pixel_values"], batch["lesion_numerical_values"],
-                                             batch["lesion_categorical_ids"], batch["patient_index"], num_patients=3)
+                                             batch["lesion_categorical_ids"], batch["patient_index"],
+                                             num_patients=3).pooler_output
     assert not torch.allclose(image.norm(dim=-1), torch.ones(len(image)))  # not normalised
     for features, embeds in [(image, out.image_embeds), (lesion, out.lesion_metadata_embeds),
                              (patient, out.patient_metadata_embeds), (phenotype, out.phenotype_embeds)]:
@@ -245,15 +247,17 @@ def test_feature_dropout_acts_in_train_mode_only():
     inputs = (batch["lesion_numerical_values"], batch["lesion_categorical_ids"])
     model.train()
     torch.manual_seed(0)
-    first = model.get_lesion_metadata_features(*inputs)
-    second = model.get_lesion_metadata_features(*inputs)
+
+    def features():
+        return model.get_lesion_metadata_features(*inputs).pooler_output
+
+    first, second = features(), features()
     assert not torch.allclose(first, second)
     model.eval()
-    third, fourth = model.get_lesion_metadata_features(*inputs), model.get_lesion_metadata_features(*inputs)
-    torch.testing.assert_close(third, fourth, rtol=0, atol=0)
+    torch.testing.assert_close(features(), features(), rtol=0, atol=0)
     torch.manual_seed(0)
     model.train()
-    torch.testing.assert_close(model.get_lesion_metadata_features(*inputs), first)  # seeded: reproducible
+    torch.testing.assert_close(features(), first)  # seeded: reproducible
 
 
 def test_single_patient_batch_has_zero_patient_loss_and_finite_loss():
@@ -319,8 +323,8 @@ def test_image_towers_forward_backward_and_reload(kind, tmp_path):
     reloaded = SLIMPModel.from_pretrained(tmp_path).eval()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.get_image_features(batch["pixel_values"]),
-                                   model.get_image_features(batch["pixel_values"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded.get_image_features(batch["pixel_values"]).pooler_output,
+                                   model.get_image_features(batch["pixel_values"]).pooler_output, rtol=0, atol=1e-6)
     _, unused = loss_and_unused_parameters(reloaded.train(), batch)  # ... and still trains cleanly
     assert not unused, f"parameters outside the graph after from_pretrained: {unused}"
 
@@ -397,7 +401,7 @@ def test_image_only_path_is_affine_in_the_image_feature():
     image_weight = model.classifier.weight[:, :12]  # the columns reading the image feature
     offsets = []
     for chunk in (pixels[:1], pixels[1:]):  # batch size must not matter either
-        features = model.slimp.get_image_features(chunk)  # (n, D)
+        features = model.slimp.get_image_features(chunk).pooler_output  # (n, D)
         logits = model(pixel_values=chunk).logits
         offsets.append(logits - features @ image_weight.t())  # = c for every image if logits = A·f + c
     offsets = torch.cat(offsets)

@@ -69,3 +69,21 @@ def test_lora_trains_only_adapters_and_head_then_saves_reloads_and_merges(tmp_pa
         assert type(merged) is SLIMPForLesionClassification
         assert not any("lora_" in name for name, _ in merged.named_parameters())
         torch.testing.assert_close(merged(**batch).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_lora_with_reentrant_checkpointing_trains_the_adapters_of_all_three_towers():
+    """Reentrant checkpointing returns no gradient unless a block's input requires one: with every base weight
+    frozen, only `enable_input_require_grads` (which peft calls) makes the tokens require it, and it must reach the
+    metadata towers' feature tokenizers as it reaches the image tower's patch embedding."""
+    torch.manual_seed(0)
+    base = SLIMPForLesionClassification(tiny_config(feature_dropout=0.0))
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_peft_model(base, lora_config())
+    model.train()
+    batch = make_batch(base.config, lesions_per_patient=(2, 3, 1))
+    model(**batch, labels=torch.tensor([0, 1, 2, 1, 0, 2])).loss.backward()
+    towers = ("slimp.vision_model.", "slimp.lesion_metadata_model.", "slimp.patient_metadata_model.")
+    for tower in towers:
+        grads = [p.grad for name, p in model.named_parameters() if tower in name and ".lora_B." in name]
+        assert grads and all(g is not None for g in grads), f"{tower}: adapters without a gradient"
+        assert all(g.abs().sum() > 0 for g in grads), tower

@@ -1,14 +1,20 @@
 """`transformers.Trainer` on SLIMP with the library alone (no `training/` import): the data collator, whole-patient
-items, gradient accumulation that equals the large batch, and a pipeline-ready save with `processing_class`."""
+items, gradient accumulation that equals the large batch, a pipeline-ready save with `processing_class`, and a
+2-process gloo run of the classifier with gradient checkpointing."""
 
 from __future__ import annotations
+
+import os
+import socket
 
 import datasets
 import pytest
 import torch
+import torch.multiprocessing as mp
 from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from _synthetic_fixtures import synthetic  # noqa: F401
+from conftest import make_batch, tiny_config
 from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor
 
 
@@ -82,3 +88,72 @@ def test_trainer_with_a_plain_dataset_and_a_pipeline_ready_save(synthetic, tmp_p
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json"} <= {p.name for p in folder.iterdir()}
     top = pipeline("image-classification", model=str(folder), trust_remote_code=True)(splits["test"][0]["image"])
     assert len(top) == 2 and abs(sum(entry["score"] for entry in top) - 1) < 1e-5
+
+
+# ----- two processes, gloo, gradient checkpointing -----
+
+WORLD_SIZE = 2
+
+
+class PatientBatches(torch.utils.data.Dataset):
+    """One whole patient per item (the model's inputs for its lesions, and their labels)."""
+
+    def __init__(self, config, num_patients: int = 8):
+        self.patients = [make_batch(config, lesions_per_patient=(1 + i % 3,), seed=i) for i in range(num_patients)]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, index: int) -> dict:
+        patient = self.patients[index]
+        return {**patient, "labels": torch.arange(len(patient["patient_index"])) % 3}
+
+
+def collate_patients(items: list[dict]) -> dict:
+    """Lesion rows stacked, patient rows stacked, patient_index renumbered."""
+    batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "patient_index"}
+    batch["patient_index"] = torch.cat([torch.full_like(item["patient_index"], i) for i, item in enumerate(items)])
+    return batch
+
+
+def _trainer_worker(rank: int, workdir: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = tiny_config(feature_dropout=0.0)  # the default head: image+lesion+patient+context, tower outputs
+    torch.manual_seed(0)
+    model = SLIMPForLesionClassification(config)
+    args = TrainingArguments(output_dir=f"{workdir}/out", per_device_train_batch_size=2, max_steps=3,
+                             learning_rate=1e-2, activation_checkpointing=True, ddp_backend="gloo", use_cpu=True,
+                             report_to="none", save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+                             remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=PatientBatches(config), data_collator=collate_patients)
+    before = model.classifier.weight.detach().clone()
+    trainer.train()
+    wrapped = trainer.model_wrapped
+    torch.save({"world_size": torch.distributed.get_world_size(), "ddp": type(wrapped).__name__,
+                "find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
+                "checkpointing": model.is_activation_checkpointing, "before": before,
+                "state": {name: value.detach().clone() for name, value in model.state_dict().items()}},
+               f"{workdir}/rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_trainer_with_gradient_checkpointing_trains_the_classifier(tmp_path):
+    """Trainer with gradient checkpointing runs DDP with find_unused_parameters=False, which stops at the first
+    step on a trainable parameter that gets no gradient (the classifier's contrastive-only weights used to)."""
+    mp.spawn(_trainer_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        assert result["world_size"] == WORLD_SIZE and result["ddp"] == "DistributedDataParallel"
+        assert result["find_unused_parameters"] is False and result["checkpointing"]
+    first, second = (result["state"] for result in ranks)
+    assert not torch.equal(first["classifier.weight"], ranks[0]["before"])  # it trained ...
+    for name, value in first.items():  # ... and both processes hold the same weights (one DDP model)
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)

@@ -38,7 +38,8 @@ def replace_metadata_schema(model: SLIMPModel, tower: str, schema: SLIMPMetadata
     key = f"{tower}_metadata_config"
     old: SLIMPMetadataConfig = getattr(model.config, key)
     fields = {name: getattr(schema, name) for name in _SCHEMA_FIELDS}
-    new = SLIMPMetadataConfig(**{**old.to_dict(), **fields})
+    new = type(old)(**{**old.to_dict(), **fields})
+    new._attn_implementation = old._attn_implementation  # the tower's attention choice is not in to_dict
     encoder = getattr(model, f"{tower}_metadata_model")
     rebuilt = (old.numerical_features, old.categorical_features) != (new.numerical_features, new.categorical_features)
     setattr(model.config, key, new)

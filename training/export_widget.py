@@ -118,9 +118,11 @@ def image_only_head(model: SLIMPForLesionClassification) -> tuple[torch.Tensor, 
             head_bias = bias + blocks["image"] @ slimp.visual_projection.bias.double()
         else:
             head_weight, head_bias = blocks["image"], bias.clone()
-        constants = {
-            "lesion": lambda: (slimp.get_lesion_metadata_features if projected else slimp.lesion_metadata_tower)(num_lesions=1),
-            "patient": lambda: (slimp.get_patient_metadata_features if projected else slimp.patient_metadata_tower)(num_patients=1),
+        constants = {  # the projected features are the pooler_output of get_*_features, as CLIP's
+            "lesion": lambda: slimp.get_lesion_metadata_features(num_lesions=1, return_dict=True).pooler_output
+            if projected else slimp.lesion_metadata_tower(num_lesions=1),
+            "patient": lambda: slimp.get_patient_metadata_features(num_patients=1, return_dict=True).pooler_output
+            if projected else slimp.patient_metadata_tower(num_patients=1),
         }
         for part in ("lesion", "patient"):
             if part in blocks:

@@ -81,7 +81,8 @@ class Scorer:
         return {key: value.tolist() for key, value in out.items()}
 
     def neighbours(self, pixel_values: torch.Tensor, k: int = 3) -> list[str]:
-        embeds = torch.nn.functional.normalize(self.model.slimp.get_image_features(pixel_values), dim=-1)
+        features = self.model.slimp.get_image_features(pixel_values, return_dict=True).pooler_output  # projected (N, D)
+        embeds = torch.nn.functional.normalize(features, dim=-1)
         similarity = embeds @ self.bank["embeddings"].T  # (N, M)
         top = similarity.topk(min(k, similarity.shape[1]), dim=1)
         lines = []
