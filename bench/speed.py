@@ -113,7 +113,7 @@ def preset_config(model_size: str, vision_model_type: str, seed: int = 0, **over
 
     rng = np.random.default_rng(seed)
     rows = 64
-    frame = {"patient_id": [f"p{i % 8}" for i in range(rows)]}
+    frame = {"patient_id": [f"p{i}" for i in range(rows)]}  # a patient per row: 5+ patients per category (k)
     for column in ISIC2024.lesion_numerical + ISIC2024.patient_numerical:
         frame[column] = rng.normal(10.0, 3.0, rows)
     for column in ISIC2024.lesion_categorical + ISIC2024.patient_categorical:
