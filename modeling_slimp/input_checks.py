@@ -81,9 +81,9 @@ def resolve_patients(patient_index: torch.Tensor | None, num_patients: int | Non
     """Validated `(patient_index (N,) long, P)`. Without `patient_index` every lesion is its own patient.
 
     `num_patients` is the number of patient metadata rows, when given; otherwise P = max index + 1 (read back
-    from the tensor, which `torch.export` cannot do: it needs the patient rows). Raises ValueError naming
-    `patient_index` for a wrong shape or dtype and, in eager mode, for an index outside [0, P) or a patient row
-    that no lesion points to (its phenotype would be empty).
+    from the tensor; under `torch.export` a size known at run time). Raises ValueError naming `patient_index`
+    for a wrong shape or dtype and, in eager mode, for an index outside [0, P) or a patient row that no lesion
+    points to (its phenotype would be empty).
     """
     if patient_index is None:
         if num_patients is not None and num_patients != num_lesions:
@@ -96,12 +96,13 @@ def resolve_patients(patient_index: torch.Tensor | None, num_patients: int | Non
     if patient_index.is_floating_point() or patient_index.dtype == torch.bool:
         raise ValueError(f"patient_index must hold integer patient indices, got dtype {patient_index.dtype}.")
     patient_index = patient_index.long()
-    if num_patients is None:  # P from the indices: one host sync more, a graph break under torch.compile
-        if torch.compiler.is_exporting():
-            raise ValueError("under torch.export the number of patients P comes from the patient metadata: with "
-                             "patient_index, give patient_numerical_values or patient_categorical_ids (P rows; NaN "
-                             "and 0 for missing values).")
-        num_patients = int(patient_index.max()) + 1
+    if num_patients is None:  # P from the indices: one host sync more
+        if torch.compiler.is_exporting():  # a size known at run time only, bounded for the tracer
+            num_patients = patient_index.max().item() + 1
+            torch._check(num_patients >= 1)
+            torch._check(num_patients <= num_lesions)
+        else:  # a graph break under torch.compile: give the patient rows for fullgraph
+            num_patients = int(patient_index.max()) + 1
     if not is_tracing():
         _check_patient_index(patient_index, num_patients)
     return patient_index, num_patients

@@ -189,12 +189,20 @@ def test_torch_export_with_patient_index_matches_eager_and_eager_still_checks(mo
         model(**bad)
 
 
-def test_torch_export_needs_the_patient_rows_with_patient_index():
-    model = seeded(SLIMPModel)
-    batch = make_batch(model.config)
-    with pytest.raises(ValueError, match="patient metadata"):
-        torch.export.export(model, (), kwargs={"pixel_values": batch["pixel_values"],
-                                               "patient_index": batch["patient_index"]}, strict=False)
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_torch_export_with_patient_index_alone_counts_the_patients_at_run_time(model_class):
+    """Without patient rows, P is the largest index + 1: a size the exported program reads from its input."""
+    model = seeded(model_class)
+    keys = ("pixel_values", "lesion_numerical_values", "lesion_categorical_ids", "patient_index")
+    batch = {key: make_batch(model.config)[key] for key in keys}  # 7 lesions of 3 patients
+    program = torch.export.export(model, (), kwargs=batch, strict=False)
+    other = {key: make_batch(model.config, lesions_per_patient=(4, 3), seed=2)[key] for key in keys}  # 2 patients
+    key = "phenotype_embeds" if model_class is SLIMPModel else "logits"
+    for inputs in (batch, other):
+        with torch.no_grad():
+            exported, expected = program.module()(**inputs)[key], model(**inputs)[key]
+        assert exported.shape == expected.shape
+        torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
