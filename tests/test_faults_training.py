@@ -28,7 +28,7 @@ from training import finetune, pretrain
 from training.arguments import DatasetError, run_cli
 from training.checkpointing import CheckpointError
 from training.data import convert
-from training.release import push_release, release_files
+from training.release import PUSH_IGNORE, push_release, release_files
 from training.safety import MARKER, FolderInUse, OutputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +115,8 @@ def test_row3_push_uploads_the_model_processor_card_and_code_only(release, datas
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "processor_config.json",
             "modeling_slimp.py", "processing_slimp.py", "schema_slimp.py", "results.json"} <= uploaded
     assert not [name for name in uploaded if name.endswith((".arrow", ".csv", ".jpg")) or "/" in name or name == MARKER]
+    ignored_alone = set(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE))  # the ignore list alone keeps data out too
+    assert not [name for name in ignored_alone if name.endswith((".arrow", ".csv", ".jpg")) or name.startswith("train/")]
 
 
 # ----- row 4: no patient in a checkpoint -----

@@ -53,7 +53,7 @@ from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
 from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS  # noqa: E402
 from modeling_slimp.schema_slimp import MIN_PATIENTS_PER_VALUE  # noqa: E402
 from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli  # noqa: E402
-from training.checkpointing import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from training.checkpointing import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
 from training.data.augment import AUGMENTATIONS  # noqa: E402
 from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator  # noqa: E402
@@ -439,6 +439,11 @@ def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainAr
     geometry = batch_geometry(data_args, args, accelerator)
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "geometry": geometry}
     resume = find_checkpoint(args.checkpoint_dir, args.resume_from_checkpoint)
+    earlier = checkpoint_dirs(args.checkpoint_dir) if resume is None else []
+    if earlier:
+        logger.warning("a fresh run, but %s holds checkpoints of an earlier run (newest %s): until this run saves a later "
+                       "step, --resume_from_checkpoint latest would continue that run, not this one", args.checkpoint_dir,
+                       earlier[-1].name, main_process_only=True)
     if resume is not None:
         state = load_checkpoint(accelerator, resume, allow_inexact_resume=args.allow_inexact_resume, geometry=geometry)
         state["geometry"] = geometry

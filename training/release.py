@@ -33,9 +33,12 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 PROBE_FEATURE_SETS = ("image", "image+metadata", "image+metadata+context")
 # The results key of a classifier's test split scored from images alone (what pipeline() and the Hub widget see).
 IMAGES_ONLY_SPLIT = "test, images only"
-# Never uploaded with a release folder, even if a user put them there.
+# Never uploaded with a release folder, even if a user put them there (on top of the `release_files` allow-list):
+# training state, logs, pickles, and data (Arrow shards, tables, image files, a converted dataset's own files).
 PUSH_IGNORE = ["checkpoints/*", "checkpoint-*", "runs/*", "logs/*", "eval/*", "*.tfevents.*", "**/events.out.tfevents.*",
-               "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "bank/*", "*.parquet"]
+               "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "bank/*", "*.parquet", "*.arrow", "*.csv", "*.hdf5", "*.h5",
+               "*.jpg", "*.jpeg", "*.png", "train/*", "validation/*", "test/*", "dataset_dict.json", "schema.json",
+               "summary.json", "*.lock", ".slimp-output.json"]
 # What a release folder publishes: model, processor, card and results (plus the code files, `release_files`).
 RELEASE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                  "adapter_config.json", "preprocessor_config.json", "processor_config.json", "README.md", "results.json")
