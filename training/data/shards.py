@@ -218,7 +218,7 @@ def parse_size(text: str) -> int:
 def split_counts(folder: Path, label_names: list[str]) -> dict:
     """Patients, lesions and lesions per label of a written split, counted from its data (so summary.json
     describes exactly the rows the folder holds)."""
-    table = datasets.Dataset.load_from_disk(str(folder)).with_format("arrow")[:]
+    table = datasets.Dataset.load_from_disk(str(folder)).select_columns(["patient_id", "label"]).with_format("arrow")[:]
     counts = np.bincount(table.column("label").to_numpy(zero_copy_only=False).astype(np.int64), minlength=len(label_names))
     return {"patients": len(table.column("patient_id").unique()), "lesions": table.num_rows,
             "labels": {name: int(counts[i]) for i, name in enumerate(label_names)}}
