@@ -216,11 +216,11 @@ def _merge_copies(chunk: pd.DataFrame, copies: dict[str, list[str]], path: Path,
     if not copies:
         return chunk
     for name, (kept, *others) in copies.items():
-        a = chunk[kept].str.strip()
+        first = chunk[kept].str.strip()
         for other in others:
-            b = chunk[other].str.strip()
-            missing = a.str.lower().isin(contract.MISSING_STRINGS) & b.str.lower().isin(contract.MISSING_STRINGS)
-            differ = ((a != b) & ~missing).to_numpy()
+            copy = chunk[other].str.strip()
+            both_missing = first.str.lower().isin(contract.MISSING_STRINGS) & copy.str.lower().isin(contract.MISSING_STRINGS)
+            differ = ((first != copy) & ~both_missing).to_numpy()
             if differ.any():
                 row = int(differ.argmax())
                 raise InputError(f"{path}: column {name!r} appears {len(others) + 1} times with different values (line "
