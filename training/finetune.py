@@ -68,7 +68,9 @@ from training.checkpointing import CheckpointError, damaged_files, write_manifes
 from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
 from training.data.dataset import class_counts, column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import predict_images_only, predict_split  # noqa: E402
+from training.labels import LabelError, describe, positive_class  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
+from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16  # noqa: E402
 from training.probe import DEFAULT_REPRESENTATION, fit_probe  # noqa: E402
 from training.release import IMAGES_ONLY_SPLIT, RELEASE_FILES, is_hub_id, public_value, push_release, save_release  # noqa: E402
 from training.safety import check_apart, check_writable_release, locked  # noqa: E402
@@ -99,6 +101,7 @@ class ModelArguments:
     classifier_features: str = field(default=DEFAULT_CLASSIFIER_FEATURES, metadata={"help": f"What the head reads: one of {CLASSIFIER_FEATURES}."})
     representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"Which features of each tower the head reads: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected features)."})
     class_weights: str = field(default="auto", metadata={"help": "auto (inverse train frequency) | none | w0,w1,..."})
+    positive_label: str | None = field(default=None, metadata={"help": "The positive class (a label name or id): the class whose score pAUC, top-15 and the binary AUROC rank, written in the card and config.json. Default: the label name that is a known malignant diagnosis ('malignant', 'melanoma', 'mel', ...); a binary labelling without one is refused."})
     probe_C: float = field(default=1.0, metadata={"help": "--mode linear: inverse L2 strength of the logistic-regression head (as evaluate.py's probe)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)."})
@@ -141,6 +144,7 @@ class FinetuneTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs the image and metadata columns."})
     dataloader_num_workers: int = field(default=1, metadata={"help": "DataLoader workers (they decode and augment images)."})
     seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation, the data order and the augmentations."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (full, lora). " + SLOW_BF16_HELP})
 
     def __post_init__(self):
         release = Path(self.output_dir)
@@ -363,9 +367,9 @@ class SLIMPTrainer(Trainer):
     """`transformers.Trainer` whose evaluation is the project's one evaluation pass: whole patients, the
     patient context over all of a patient's lesions, and the ISIC 2024 metrics (`classification_metrics`)."""
 
-    def __init__(self, *args, eval_collator: SLIMPCollator, eval_batch_size: int = 256, **kwargs):
+    def __init__(self, *args, eval_collator: SLIMPCollator, eval_batch_size: int = 256, positive: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eval_collator, self.eval_batch_size = eval_collator, eval_batch_size
+        self.eval_collator, self.eval_batch_size, self.positive = eval_collator, eval_batch_size, positive
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -373,7 +377,8 @@ class SLIMPTrainer(Trainer):
         logits, labels = predict_split(model, dataset, self.eval_collator, batch_size=self.eval_batch_size,
                                        device=self.args.device)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in
-                   classification_metrics(labels, logits, patient_ids=column_list(dataset, "patient_id")).items()}
+                   classification_metrics(labels, logits, patient_ids=column_list(dataset, "patient_id"),
+                                          positive_class=self.positive).items()}
         model.train()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -449,10 +454,18 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
     test_split, _ = load_slimp_dataset(data_args.dataset_dir, "test")
     label_names = list(schema["label"]["names"])
+    try:
+        positive = positive_class(label_names, model_args.positive_label)
+    except LabelError as error:
+        raise ArgumentError(str(error)) from None
+    logger.info(describe(label_names, positive))
+    if args.bf16 and model_args.mode != "linear" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        warn_if_slow_bf16("--bf16", args.use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()), logger)
     check_classes({"train": train_split, "validation": validation_split, "test": test_split}, label_names,
                   data_args.dataset_dir)
     class_weights = resolve_class_weights(model_args.class_weights, column_list(train_split, "label"), len(label_names))
     model = load_classifier(model_args, label_names, class_weights)
+    model.config.positive_label = label_names[positive]  # in config.json: the class the card's metrics and the Space score
     check_schema(model, schema)
     processor = SLIMPProcessor.from_pretrained(model_args.model_dir)
     processor.config = model.config  # one schema object for processor and model; config.json = the classifier's
@@ -472,7 +485,8 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
             model=model, args=trainer_arguments(args, model_args.mode),
             train_dataset=PatientChunks(train_split, max_lesions_per_patient=data_args.max_lesions_per_patient),
             eval_dataset=validation_split, data_collator=collator, processing_class=processor,
-            callbacks=[EpochCallback(collator)], eval_collator=eval_collator, eval_batch_size=data_args.eval_batch_size)
+            callbacks=[EpochCallback(collator)], eval_collator=eval_collator, eval_batch_size=data_args.eval_batch_size,
+            positive=positive)
         trainer.train(resume_from_checkpoint=resolve_resume(args.checkpoint_dir, args.resume_from_checkpoint))
         history, is_main = trainer.state.log_history, trainer.is_world_process_zero()
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -481,17 +495,20 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
         scores = {}
         for name, split in (("validation", validation_split), ("test", test_split)):
             logits, labels = predict_split(model, split, eval_collator, batch_size=data_args.eval_batch_size)
-            scores[name] = classification_metrics(labels, logits, patient_ids=column_list(split, "patient_id"))
+            scores[name] = classification_metrics(labels, logits, patient_ids=column_list(split, "patient_id"),
+                                                  positive_class=positive)
         if model.config.classifier_features != "image":  # what pipeline() and the Hub widget will see
             logits = predict_images_only(model, test_split, processor, batch_size=min(data_args.eval_batch_size, 64))
             scores[IMAGES_ONLY_SPLIT] = classification_metrics(np.asarray(column_list(test_split, "label")), logits,
-                                                               patient_ids=column_list(test_split, "patient_id"))
+                                                               patient_ids=column_list(test_split, "patient_id"),
+                                                               positive_class=positive)
             logger.warning("this classifier reads %s; given images only (as pipeline('image-classification') and the "
                            "Hub widget give it) its test AUROC is %.3f, vs %.3f with metadata and context. For image-only "
                            "use, fine-tune with --classifier_features image.", model.config.classifier_features,
                            scores[IMAGES_ONLY_SPLIT]["auroc"], scores["test"]["auroc"])
         logger.info("results %s", json.dumps(scores))
-        result.update(classification=scores, class_weights=class_weights, mode=model_args.mode)
+        result.update(classification=scores, class_weights=class_weights, mode=model_args.mode,
+                      positive_label=label_names[positive])
         train_args = {**args.to_dict(), "learning_rate": None if model_args.mode == "linear" else args.learning_rate}
         results = {**result, "train_args": public_value(train_args), "data_args": public_value(dataclasses.asdict(data_args)),
                    "model_args": public_value(dataclasses.asdict(model_args))}

@@ -90,19 +90,22 @@ def balanced_accuracy(y: ArrayLike, pred: ArrayLike) -> float:
     return float(balanced_accuracy_score(np.asarray(y).ravel(), pred))
 
 
-def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLike | None = None) -> dict[str, float]:
+def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLike | None = None,
+                           positive_class: int = 1) -> dict[str, float]:
     """AUROC, the ISIC 2024 pAUC above 80% TPR, balanced accuracy and, given the lesions' patients, the
-    ISIC 2024 patient metric (top-15 retrieval sensitivity of class 1), from model logits.
+    ISIC 2024 patient metric (top-15 retrieval sensitivity), from model logits.
 
     Args:
         y: (N,) integer labels in [0, C).
         logits: (N, C) classifier logits (C >= 2), or (N, 1) single-logit binary.
         patient_ids: (N,) the patient of each lesion (optional).
+        positive_class: the class whose score pAUC and top-15 rank (`training.labels.positive_class` picks it
+            from the label names); binary AUROC is this class vs the other.
 
     Returns:
         ``{"auroc", "pauc_80tpr", "balanced_accuracy"}`` (+ ``"top15_sensitivity"``). AUROC is macro
-        one-vs-rest beyond two classes; pAUC and top-15 are class 1 vs the rest (NaN when the split lacks
-        either side).
+        one-vs-rest beyond two classes; pAUC and top-15 are `positive_class` vs the rest (NaN when the split
+        lacks either side).
     """
     y = np.asarray(y)
     logits = np.asarray(logits, dtype=np.float64)
@@ -110,13 +113,16 @@ def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLi
         raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
     if logits.shape[1] == 1:  # single-logit binary classifier
         logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
+    if not 0 <= positive_class < logits.shape[1]:
+        raise ValueError(f"positive_class must be a class id below {logits.shape[1]}, got {positive_class}")
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     # Binary: rank by the logit difference, since softmax probabilities saturate to ties in float64.
-    positive = logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else probs[:, 1]
-    is_positive = (y == 1).astype(int)
+    binary = logits.shape[1] == 2
+    positive = logits[:, positive_class] - logits[:, 1 - positive_class] if binary else probs[:, positive_class]
+    is_positive = (y == positive_class).astype(int)
     result = {
-        "auroc": auroc(y, positive if logits.shape[1] == 2 else probs),
+        "auroc": auroc(is_positive, positive) if binary else auroc(y, probs),
         "pauc_80tpr": isic2024_pauc(is_positive, positive) if 0 < is_positive.sum() < len(y) else float("nan"),
         "balanced_accuracy": balanced_accuracy(y, logits),
     }

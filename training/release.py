@@ -12,6 +12,7 @@ The folder holds the SLIMP marker (`training/safety.py`), so a later run may wri
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -88,8 +89,6 @@ def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
 
 
 def _dataset_summary(dataset_dir: str) -> dict:
-    import json
-
     summary_file = Path(dataset_dir) / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return {name: {k: v for k, v in split.items() if k in ("patients", "lesions", "labels")}
@@ -184,7 +183,7 @@ def render_model_card(config, schema: dict, dataset_dir: str, results: dict, tas
                        "adapter": "LoRA adapter of a SLIMPForLesionClassification",
                        "pretraining": "SLIMPModel (pre-trained encoder)"}[task],
         "ARCHITECTURE": _architecture(config),
-        "HOW_TO_USE": how_to_use(task, model_id or "path/to/this/folder", base_model if is_hub_id(base_model) else None),
+        "HOW_TO_USE": how_to_use(task, model_id or "path/to/this/folder", base_model if is_hub_id(base_model) or task == "adapter" else None),
         "TRAINING_DATA": f"Source: `{source}` (licence {meta['license']}); splits (patients / lesions): "
         + ", ".join(f"{k}: {v.get('patients', '?')} / {v.get('lesions', '?')}" for k, v in splits.items())
         + ". Splits are patient-disjoint."
@@ -243,6 +242,9 @@ def _results_table(results: dict) -> str:
         lines += [f"Linear probe (logistic regression on frozen features ({results['linear_probe'].get('representation', 'tower')} "
                   "representation), train split -> patient-disjoint test split):", "", results["linear_probe"]["table"], ""]
     if results.get("classification"):
+        if results.get("positive_label"):
+            lines += [f"Positive class: **{results['positive_label']}** (`positive_label` in `config.json`): the class whose "
+                      "score pAUC, top-15 sensitivity and, for two classes, AUROC rank.", ""]
         lines += ["| split | AUROC | pAUC (TPR>80%) | top-15 sensitivity | balanced acc. |", "|---|---|---|---|---|"]
         lines += [f"| {s} | {m['auroc']:.3f} | {m['pauc_80tpr']:.4f} | {m.get('top15_sensitivity', float('nan')):.3f} | "
                   f"{m['balanced_accuracy']:.3f} |" for s, m in results["classification"].items()]
@@ -263,17 +265,32 @@ def save_release(model, processor, output_dir: str, schema: dict, dataset_dir: s
                  hub_model_id: str | None = None, base_model: str | None = None, card_only: bool = False) -> Path:
     """save_pretrained (safetensors + code + auto_map), the processor, README.md and results.json.
 
-    `card_only`: rewrite README.md and results.json only (e.g. once the probe has run)."""
+    `card_only`: rewrite README.md and results.json only (e.g. once the probe has run). An adapter's card loads
+    it onto `base_model`, by default the base checkpoint its `adapter_config.json` names."""
     output = Path(output_dir)
     if not card_only:
         output.mkdir(parents=True, exist_ok=True)
         write_marker(output, "release")
         model.save_pretrained(output)
         processor.save_pretrained(output)
+        normal_permissions(output)
+    if task == "adapter" and base_model is None and (output / "adapter_config.json").is_file():
+        base_model = json.loads((output / "adapter_config.json").read_text()).get("base_model_name_or_path")
     (output / "README.md").write_text(render_model_card(model.config, schema, dataset_dir, results, task, hub_model_id, base_model))
     write_json(output / "results.json", public_value(results))
-    logger.info("saved %s to %s", type(model).__name__, output)
+    if not card_only:
+        logger.info("saved %s to %s", type(model).__name__, output)
     return output
+
+
+def normal_permissions(folder: Path) -> None:
+    """Files that a save wrote through a private temporary file (transformers' model.safetensors: mode 0600) get
+    the mode of any new file, 0666 less the umask (0644 with the usual 022), so others can read a release."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(0o666 & ~umask)
 
 
 def release_files(folder: str | Path) -> list[str]:
