@@ -8,8 +8,13 @@ or `isic_id` (a file `<isic_id>.jpg`/`.png` in `--image_dir`), `patient_id`, a l
 columns. Metadata columns are matched by name to the inputs the checkpoint was pre-trained on (ISIC
 names such as `age_approx`, `sex`, `anatom_site_general`, `clin_size_long_diam_mm`, `tbp_lv_*` for the
 ISIC and synthetic checkpoints); the others are listed and ignored (continual pre-training,
-`training/pretrain.py --init_from CKPT --continual`, adapts a checkpoint to new columns). Class names
-are the sorted label values, or `--label_names` in your order; class 1 is the positive class of AUROC/pAUC.
+`training/pretrain.py --init_from CKPT --continual`, adapts a checkpoint to new columns).
+
+The positive class (whose score AUROC, pAUC and top-15 rank, and whose probability the classifier's card
+reports) is `--positive_label`, or else the one label value that names a malignant diagnosis (`malignant`,
+`melanoma`, `mel`, `bcc`, ...: `training/labels.py`). A binary labelling without such a name (`a`/`b`) is
+refused until you name it; the choice is printed and written in the card and `config.json`. Class ids: two
+labels are ordered [other, positive]; more are sorted, or `--label_names` gives your order.
 
 Steps: the CSV becomes a `datasets.DatasetDict` in the shared layout (docs/data_format.md:
 patient-disjoint train/validation/test splits stratified by label, `schema.json`, `summary.json`) in
@@ -36,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from modeling_slimp import SLIMPConfig  # noqa: E402
 from training import finetune  # noqa: E402
 from training.data.convert import split_patients  # noqa: E402
+from training.labels import LabelError, binary_label_order, describe, positive_class  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -58,6 +64,14 @@ def category(value) -> str | None:
     return str(value)
 
 
+def label_names(values, given: str | None, positive: str | None) -> list[str]:
+    """Class names in id order: `--label_names` as given; two values as [other, positive]; more, sorted."""
+    if given:
+        return given.split(",")
+    values = sorted(str(value) for value in values)
+    return binary_label_order(values, positive) if len(values) == 2 else values
+
+
 def csv_to_dataset(args: argparse.Namespace, config: SLIMPConfig, dataset_dir: Path) -> dict:
     """Write the CSV as a SLIMP dataset; returns the schema."""
     frame = pd.read_csv(args.csv)
@@ -66,7 +80,12 @@ def csv_to_dataset(args: argparse.Namespace, config: SLIMPConfig, dataset_dir: P
         if column not in frame.columns:
             raise SystemExit(f"{args.csv} has no column '{column}' (columns: {', '.join(frame.columns)})")
     values = frame[args.label_column].astype(str)
-    names = args.label_names.split(",") if args.label_names else sorted(values.unique())
+    try:
+        names = label_names(values.unique(), args.label_names, args.positive_label)
+        args.positive_label = names[positive_class(names, args.positive_label)]
+    except LabelError as error:
+        raise SystemExit(f"{args.csv}, column '{args.label_column}': {error}") from None
+    print(describe(names, names.index(args.positive_label)))
     labels = values.map({name: i for i, name in enumerate(names)})
     if labels.isna().any():
         raise SystemExit(f"label values {sorted(set(values) - set(names))} are not in --label_names")
@@ -118,14 +137,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model_dir", required=True, help="a pre-trained SLIMP checkpoint folder")
     parser.add_argument("--csv", required=True, help="one row per lesion image (see the module docstring)")
     parser.add_argument("--image_dir", help="folder of the images (default: the CSV's folder)")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--label_names", help="comma-separated class names in label-id order (default: sorted values)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--label_column", default="label", help="the CSV column holding each lesion's class")
+    parser.add_argument("--label_names", help="comma-separated class names in label-id order (default: two labels as "
+                        "[other, positive], more sorted)")
+    parser.add_argument("--positive_label", help="the positive class, a label value (default: the one value that names a "
+                        "malignant diagnosis, e.g. malignant, melanoma; a binary labelling without one is refused)")
+    parser.add_argument("--output_dir", required=True, help="where the fine-tuned classifier (or adapter) is saved")
     parser.add_argument("--dataset_dir", help="where the converted dataset goes (default: OUTPUT_DIR-dataset)")
     parser.add_argument("--validation_fraction", type=float, default=0.1, help="fraction of patients")
     parser.add_argument("--test_fraction", type=float, default=0.2, help="fraction of patients")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
+    parser.add_argument("--max_steps", type=int, default=200, help="LoRA optimizer steps")
     parser.add_argument("--keep_adapter", action="store_true", help="save the LoRA adapter instead of merging it")
     parser.add_argument("--source_name", default="own-csv", help="dataset name shown in the model card")
     parser.add_argument("--license", default="other", help="licence of your data (a Hub licence id)")
@@ -135,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     csv_to_dataset(args, SLIMPConfig.from_pretrained(args.model_dir), dataset_dir)
     result = finetune.main(["--model_dir", args.model_dir, "--dataset_dir", str(dataset_dir),
                             "--output_dir", args.output_dir, "--mode", "lora", "--max_steps", str(args.max_steps),
-                            "--seed", str(args.seed), *([] if args.keep_adapter else ["--merge"]), *finetune_args])
+                            "--seed", str(args.seed), "--positive_label", args.positive_label,
+                            *([] if args.keep_adapter else ["--merge"]), *finetune_args])
     print(json.dumps(result["classification"], indent=1))
     return result
 
