@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+from _synthetic_fixtures import TINY_SYNTHETIC  # noqa: E402
 
 SYNTHETIC_PATIENTS = 30
 
@@ -25,7 +26,7 @@ def tiny_data_and_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
         root.mkdir(parents=True)
         from training import prepare_data, pretrain
 
-        prepare_data.main(["synthetic", "--patients", str(SYNTHETIC_PATIENTS), "--seed", "0", "--image-size", "48",
+        prepare_data.main(["synthetic", *TINY_SYNTHETIC, "--patients", str(SYNTHETIC_PATIENTS), "--seed", "0", "--image-size", "48",
                            "--output-dir", str(data)])
         pretrain.main(["--dataset_dir", str(data), "--output_dir", str(checkpoint), "--max_steps", "2",
                        "--patients_per_batch", "4", "--save_steps", "0", "--eval_steps", "0", "--linear_probe", "false",

@@ -18,6 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Tiny synthetic datasets for the tests: ~10 lesions per patient (the calibrated default is 40) and more
+# patients with a cancer (0.6; the calibrated 0.249), so that every split of a few dozen patients has positives.
+TINY_SYNTHETIC = ["--lesions-per-patient", "10", "--malignant-patient-share", "0.6"]
+TINY_GENERATOR = {"lesions_per_patient_median": 10, "malignant_patient_share": 0.6}
 TRAIN_FAST = ["--per_device_train_batch_size", "4", "--max_lesions_per_patient", "4", "--dataloader_num_workers", "0",
               "--logging_steps", "1", "--warmup_steps", "1", "--save_strategy", "no"]
 
@@ -36,7 +40,8 @@ def build(root: str) -> SyntheticRun:
     torch.set_num_threads(1)
     root_path = Path(root)
     dataset_dir, checkpoint_dir, classifier_dir = (str(root_path / name) for name in ("data", "checkpoint", "classifier"))
-    prepare_data.main(["synthetic", "--patients", "24", "--seed", "0", "--image-size", "48", "--output-dir", dataset_dir])
+    prepare_data.main(["synthetic", "--patients", "24", "--seed", "0", "--image-size", "48", *TINY_SYNTHETIC,
+                      "--output-dir", dataset_dir])
     pretrain.main(["--dataset_dir", dataset_dir, "--output_dir", checkpoint_dir, "--max_steps", "2",
                    "--patients_per_batch", "4", "--save_steps", "0", "--eval_steps", "0", "--linear_probe", "false",
                    "--num_workers", "0", "--image_size", "32"])

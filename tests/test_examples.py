@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from _synthetic_fixtures import REPO, synthetic  # noqa: F401
+from _synthetic_fixtures import REPO, TINY_GENERATOR, synthetic  # noqa: F401
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
 from training.data.dataset import load_slimp_dataset
 from training.data.synthetic import generate_records
@@ -71,7 +71,7 @@ def write_own_csv(folder: Path) -> Path:
     (folder / "images").mkdir(parents=True)
     with open(folder / "lesions.csv", "w", newline="") as handle:
         writer = None
-        for record in generate_records(12, seed=1, image_size=40, malignant_rate=0.2):
+        for record in generate_records(12, seed=1, image_size=40, **TINY_GENERATOR):
             (folder / "images" / f"{record['isic_id']}.jpg").write_bytes(record.pop("image_bytes"))
             record = {"image_path": f"images/{record.pop('isic_id')}.jpg", "clinic_notes": "seen",
                       "diagnosis": "malignant" if record.pop("target") else "benign", **record}

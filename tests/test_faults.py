@@ -22,6 +22,7 @@ from training.arguments import ArgumentError
 from training.checkpointing import CheckpointError
 from training.data import convert
 from training.data.sources import InputError
+from _synthetic_fixtures import TINY_SYNTHETIC  # noqa: E402
 
 TINY = ["--image_size", "32", "--patients_per_batch", "3", "--max_lesions_per_patient", "4", "--num_workers", "0",
         "--eval_steps", "0", "--linear_probe", "false", "--warmup_steps", "1", "--logging_steps", "1"]
@@ -30,7 +31,7 @@ TINY = ["--image_size", "32", "--patients_per_batch", "3", "--max_lesions_per_pa
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("faults") / "synthetic"
-    convert.main(["synthetic", "--patients", "12", "--seed", "2", "--image-size", "40", "--output-dir", str(out)])
+    convert.main(["synthetic", *TINY_SYNTHETIC, "--patients", "12", "--seed", "2", "--image-size", "40", "--output-dir", str(out)])
     return str(out)
 
 
@@ -68,7 +69,7 @@ def test_resume_works_when_a_tower_has_no_numerical_feature(dataset_dir, tmp_pat
 
 def test_a_dataset_too_small_for_a_validation_split_still_trains_and_saves(tmp_path, caplog):
     out = tmp_path / "small"
-    summary = convert.main(["synthetic", "--patients", "8", "--seed", "0", "--image-size", "32", "--validation-fraction", "0",
+    summary = convert.main(["synthetic", *TINY_SYNTHETIC, "--patients", "8", "--seed", "0", "--image-size", "32", "--validation-fraction", "0",
                             "--output-dir", str(out)])
     assert summary["splits"]["validation"]["patients"] == 0
     assert any("validation" in warning and "no patient" in warning for warning in summary["warnings"])

@@ -22,7 +22,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from _synthetic_fixtures import TRAIN_FAST, synthetic  # noqa: F401
+from _synthetic_fixtures import TINY_SYNTHETIC, TRAIN_FAST, synthetic  # noqa: F401
 from test_prepare_data import isic_rows, write_isic2024
 from training import finetune, pretrain
 from training.arguments import DatasetError, run_cli
@@ -43,7 +43,7 @@ def run(dataset_dir, output_dir, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("training-faults") / "synthetic"
-    convert.main(["synthetic", "--patients", "12", "--seed", "2", "--image-size", "40", "--output-dir", str(out)])
+    convert.main(["synthetic", *TINY_SYNTHETIC, "--patients", "12", "--seed", "2", "--image-size", "40", "--output-dir", str(out)])
     return out
 
 
@@ -169,7 +169,7 @@ def test_row5_a_resume_on_other_train_data_is_refused(dataset_dir, tmp_path):
     out = tmp_path / "model"
     run(dataset_dir, out, "--max_steps", "4", "--save_steps", "2", "--stop_after_steps", "2")
     other = tmp_path / "other"
-    convert.main(["synthetic", "--patients", "12", "--seed", "5", "--image-size", "40", "--output-dir", str(other)])
+    convert.main(["synthetic", *TINY_SYNTHETIC, "--patients", "12", "--seed", "5", "--image-size", "40", "--output-dir", str(other)])
     with pytest.raises(CheckpointError, match=r"train_data '\w+' -> '\w+'"):
         run(other, out, "--max_steps", "4", "--resume_from_checkpoint", "latest")
 

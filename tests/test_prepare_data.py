@@ -20,6 +20,7 @@ from training.data import shards
 from training.data.dataset import load_slimp_dataset, read_schema
 from training.data.convert import DataError, main, split_patients
 from training.data.sources import InputError
+from _synthetic_fixtures import TINY_GENERATOR, TINY_SYNTHETIC  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LEAKING = {"target", "iddx_full", "iddx_1", "mel_thick_mm", "mel_mitotic_index", "lesion_id", "biopsed",
@@ -339,13 +340,13 @@ def test_cli_subprocess(tmp_path):
 
 def test_synthetic_kaggle_layout_end_to_end(tmp_path):
     synthetic = pytest.importorskip("training.data.synthetic")
-    counts = synthetic.write_kaggle_layout(tmp_path / "kaggle", 3, seed=0, image_size=64)
+    counts = synthetic.write_kaggle_layout(tmp_path / "kaggle", 3, seed=0, image_size=64, **TINY_GENERATOR)
     summary = convert("isic2024", str(tmp_path / "kaggle" / "train-metadata.csv"),
                       [str(tmp_path / "kaggle" / "train-image.hdf5")], tmp_path / "out")
     assert sum(s["lesions"] for s in summary["splits"].values()) == counts["lesions"] and not summary["excluded"]
     assert_no_leaks(tmp_path / "out")
 
-    direct = main(["synthetic", "--patients", "3", "--seed", "0", "--image-size", "64",
+    direct = main(["synthetic", *TINY_SYNTHETIC, "--patients", "3", "--seed", "0", "--image-size", "64",
                    "--output-dir", str(tmp_path / "direct")])
     assert direct["splits"] == summary["splits"] and read_schema(tmp_path / "direct")["source"] == "synthetic"
     assert sorted(load_all(tmp_path / "direct")["image_id"]) == sorted(load_all(tmp_path / "out")["image_id"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from training import pretrain, prepare_data
 from training.data.sampler import PatientBatchSampler
+from _synthetic_fixtures import TINY_SYNTHETIC  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--image_size", "32", "--patients_per_batch", "3", "--max_lesions_per_patient", "4", "--num_workers", "0",
@@ -26,7 +27,7 @@ TINY = ["--image_size", "32", "--patients_per_batch", "3", "--max_lesions_per_pa
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare_data.main(["synthetic", "--patients", "16", "--seed", "1", "--image-size", "40", "--output-dir", str(out)])
+    prepare_data.main(["synthetic", *TINY_SYNTHETIC, "--patients", "16", "--seed", "1", "--image-size", "40", "--output-dir", str(out)])
     return str(out)
 
 

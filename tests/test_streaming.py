@@ -9,12 +9,13 @@ import pytest
 from training import prepare_data, pretrain
 from training.data.dataset import load_slimp_dataset
 from training.data.streaming import StreamingPatientBatches, patient_chunks
+from _synthetic_fixtures import TINY_SYNTHETIC  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("stream") / "synthetic"
-    prepare_data.main(["synthetic", "--patients", "14", "--seed", "2", "--image-size", "32", "--output-dir", str(out)])
+    prepare_data.main(["synthetic", *TINY_SYNTHETIC, "--patients", "14", "--seed", "2", "--image-size", "32", "--output-dir", str(out)])
     return str(out)
 
 

@@ -1,4 +1,6 @@
-"""Tests of the synthetic SLICE-3D-like generator (training/data/synthetic.py). Tiny: small images, few patients."""
+"""Tests of the synthetic SLICE-3D generator (training/data/synthetic.py, synthetic_render.py). Tiny: small
+images, few patients, ~10 lesions each (the calibrated default is 40; the facts themselves are checked by the
+calibration report, tests/test_calibration.py)."""
 
 import io
 import math
@@ -11,24 +13,28 @@ import pytest
 from PIL import Image
 
 from training.data import synthetic
+from training.data import synthetic_render
+from training.data.calibration import patient_level_signal
 from training.data.synthetic import (
     CSV_COLUMNS,
+    MALIGNANCIES,
+    MEASURED_COLUMNS,
     SYNTHETIC_LESION_CATEGORICAL,
     SYNTHETIC_LESION_NUMERICAL,
     SYNTHETIC_PATIENT_CATEGORICAL,
     SYNTHETIC_PATIENT_NUMERICAL,
-    Traits,
     generate_records,
-    measure_lesion,
-    render_lesion,
-    within_patient_zscores,
     write_kaggle_layout,
 )
+from training.data.synthetic_render import Traits, draw_cues, measure_lesion, render_lesion
+from training.tabular import patient_relative
 
 
 @lru_cache(maxsize=None)
-def _records(num_patients: int, seed: int = 0, image_size: int = 64, malignant_rate: float = 0.025):
-    return tuple(generate_records(num_patients, seed=seed, image_size=image_size, malignant_rate=malignant_rate))
+def _records(num_patients: int, seed: int = 0, image_size: int = 64, malignant_patient_share: float = 0.6,
+             lesions_per_patient_median: float = 10):
+    return tuple(generate_records(num_patients, seed=seed, image_size=image_size, malignant_patient_share=malignant_patient_share,
+                                  lesions_per_patient_median=lesions_per_patient_median))
 
 
 def _frame(records) -> pd.DataFrame:
@@ -44,7 +50,8 @@ def _same(a, b) -> bool:
 
 
 def test_same_seed_gives_identical_rows_and_bytes():
-    first, second = _records(6), tuple(generate_records(6, seed=0, image_size=64))
+    first = _records(6)
+    second = tuple(generate_records(6, seed=0, image_size=64, malignant_patient_share=0.6, lesions_per_patient_median=10))
     assert len(first) == len(second) > 0
     for a, b in zip(first, second):
         assert a.keys() == b.keys()
@@ -90,10 +97,24 @@ def test_patient_level_columns_are_constant_within_a_patient():
     assert frame["age_approx"].nunique() > 3 and frame["attribution"].nunique() > 1
 
 
-def test_lesion_counts_are_heavy_tailed():
-    counts = np.array([synthetic.sample_patient(0, i).num_lesions for i in range(400)])
+def test_lesion_counts_are_heavy_tailed_with_the_stated_median():
+    counts = np.array([synthetic.sample_patient(0, i).num_lesions for i in range(600)])
     assert counts.min() >= 1
+    assert 34 <= np.median(counts) <= 46  # LESIONS_PER_PATIENT_MEDIAN = 40 (the real SLICE-3D: 241)
     assert counts.max() > 5 * np.median(counts)
+    fewer = np.array([synthetic.sample_patient(0, i, lesions_per_patient_median=10).num_lesions for i in range(600)])
+    assert 7 <= np.median(fewer) <= 13
+
+
+def test_cancers_are_drawn_per_patient_as_in_slice3d():
+    """24.9% of patients have a cancer, 1.52 on average when they have one; the share is a knob."""
+    patients = [synthetic.sample_patient(0, i) for i in range(3000)]
+    malignant = np.array([p.num_malignant for p in patients])
+    assert (malignant > 0).mean() == pytest.approx(259 / 1042, abs=0.025)
+    assert malignant[malignant > 0].mean() == pytest.approx(393 / 259, abs=0.1)
+    raised = [synthetic.sample_patient(0, i, malignant_patient_share=0.8).num_malignant for i in range(1000)]
+    assert np.mean(np.array(raised) > 0) == pytest.approx(0.8, abs=0.04)
+    assert all(synthetic.sample_patient(0, i, malignant_patient_share=0.0).num_malignant == 0 for i in range(200))
 
 
 def test_measurements_of_a_known_shape():
@@ -102,8 +123,7 @@ def test_measurements_of_a_known_shape():
     traits = Traits(log_diameter=math.log(diameter), density=1.0, redness=0.0, blue_patch=0.0,
                     irregularity=0.0, asymmetry=0.0, variegation=0.0, aspect=aspect)
     rng = np.random.default_rng(0)
-    clean, alpha, rel = render_lesion(traits, synthetic.LIGHT_SKIN, rng, 128, "3D: XP")
-    m = measure_lesion(clean, alpha, rel, rng)
+    m = measure_lesion(render_lesion(traits, synthetic_render.LIGHT_SKIN, rng, 128, "3D: XP"), rng, MEASURED_COLUMNS)
     a, b = diameter / 2, diameter * aspect / 2
     ellipse_perimeter = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))  # Ramanujan
     assert m["tbp_lv_areaMM2"] == pytest.approx(math.pi * a * b, rel=0.05)
@@ -125,49 +145,83 @@ def test_measurements_agree_with_the_decoded_image():
         grey = image.mean(-1)
         border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
         dark = grey < 0.8 * np.median(border)
-        dark_area.append(dark.sum() * (synthetic.FIELD_OF_VIEW_MM / grey.shape[0]) ** 2)
+        dark_area.append(dark.sum() * (synthetic_render.FIELD_OF_VIEW_MM / grey.shape[0]) ** 2)
         middle = grey.shape[0] // 2
         centre = image[middle - 2 : middle + 2, middle - 2 : middle + 2].reshape(-1, 3)
-        dark_lightness.append(synthetic.srgb_to_lab(centre)[:, 0].mean())
+        dark_lightness.append(synthetic_render.srgb_to_lab(centre)[:, 0].mean())
     frame = _frame(records).assign(dark_area=dark_area, dark_lightness=dark_lightness)
     assert frame["dark_area"].corr(frame["tbp_lv_areaMM2"], method="spearman") > 0.8
     assert frame["dark_area"].corr(frame["clin_size_long_diam_mm"], method="spearman") > 0.7
     assert frame["dark_lightness"].corr(frame["tbp_lv_L"], method="spearman") > 0.7
 
 
-def test_malignant_rate_is_roughly_the_requested_one():
-    for rate, num_patients in ((0.0, 5), (0.2, 40)):
-        frame = _frame(_records(num_patients, image_size=16, malignant_rate=rate))
-        assert frame["target"].mean() == pytest.approx(rate, abs=max(0.35 * rate, 1e-9))
-        assert frame.loc[frame["target"] == 1, "lesion_id"].notna().all()
-    assert _frame(_records(20))["lesion_id"].isna().mean() > 0.9
-
-
 def test_malignant_lesions_are_ugly_ducklings():
-    """Malignant lesions deviate more from the patient's other lesions than benign ones (which include the
-    keratoses, themselves unlike the patient's naevi), darker and more variegated than them, yet their
-    absolute size overlaps the benign range."""
-    frame = _frame(_records(25, image_size=64, malignant_rate=0.1))
-    columns = ["clin_size_long_diam_mm", "tbp_lv_areaMM2", "tbp_lv_L", "tbp_lv_color_std_mean",
+    """Malignant lesions deviate more from the patient's other lesions than benign ones, larger and redder
+    (lower hue) than them, yet their absolute size overlaps the benign range."""
+    frame = _frame(_records(30, image_size=64))
+    columns = ["clin_size_long_diam_mm", "tbp_lv_areaMM2", "tbp_lv_H", "tbp_lv_color_std_mean",
                "tbp_lv_norm_border", "tbp_lv_area_perim_ratio"]
-    z = within_patient_zscores(frame, columns)
+    values = frame[columns].astype(float)
+    z = patient_relative(values.fillna(values.median()), frame["patient_id"])[[c + "_z" for c in columns]]
     deviation = z.abs().mean(axis=1)
     malignant = frame["target"] == 1
     assert malignant.sum() >= 10
     assert deviation[malignant].mean() > 1.2 * deviation[~malignant].mean()
-    assert z.loc[malignant, "tbp_lv_L"].mean() < -0.5 < 0.2 > abs(z.loc[~malignant, "tbp_lv_L"].mean())
-    assert z.loc[malignant, "tbp_lv_color_std_mean"].mean() > 0.5
+    assert z.loc[malignant, "clin_size_long_diam_mm_z"].mean() > 0.5
+    assert z.loc[malignant, "tbp_lv_H_z"].mean() < -0.5
     benign_p90 = frame.loc[~malignant, "clin_size_long_diam_mm"].quantile(0.9)
-    assert (frame.loc[malignant, "clin_size_long_diam_mm"] < benign_p90).mean() > 0.3
+    assert (frame.loc[malignant, "clin_size_long_diam_mm"] < benign_p90).mean() > 0.2
 
 
 def test_malignant_traits_step_away_from_the_phenotype():
     rng = np.random.default_rng(0)
     phenotype = synthetic.sample_phenotype(rng)
-    benign = [synthetic.sample_lesion_traits(rng, phenotype, False) for _ in range(300)]
-    malignant = [synthetic.sample_lesion_traits(rng, phenotype, True) for _ in range(300)]
-    for name in ("log_diameter", "irregularity", "asymmetry", "variegation", "density"):
-        assert np.mean([getattr(t, name) for t in malignant]) > np.mean([getattr(t, name) for t in benign])
+    benign = [synthetic.sample_lesion_traits(rng, phenotype, None) for _ in range(400)]
+    melanoma = [synthetic.sample_lesion_traits(rng, phenotype, MALIGNANCIES[0]) for _ in range(400)]
+    carcinoma = [synthetic.sample_lesion_traits(rng, phenotype, MALIGNANCIES[2]) for _ in range(400)]
+    mean = lambda traits, name: np.mean([getattr(t, name) for t in traits])  # noqa: E731
+    for name in ("log_diameter", "irregularity", "asymmetry", "variegation"):
+        assert mean(melanoma, name) > mean(benign, name) and mean(carcinoma, name) > mean(benign, name)
+    assert mean(melanoma, "density") > mean(benign, "density")
+    assert mean(carcinoma, "redness") > mean(melanoma, "redness") and mean(carcinoma, "density") < mean(melanoma, "density")
+    subtle = np.mean([t.log_diameter - phenotype.log_diameter < 0.2 for t in melanoma])
+    assert 0.05 < subtle < 0.5  # some cancers look nearly benign
+
+
+def test_dermoscopic_structures_are_drawn_in_the_image_only():
+    """Each structure changes the image in and around the lesion, in its own colour, and only when asked;
+    the measurements come from the lesion body (the same whatever structures are drawn)."""
+    traits = Traits(log_diameter=math.log(7.0), density=0.8, redness=0.1, blue_patch=0.0, irregularity=0.02,
+                    asymmetry=0.05, variegation=0.1, aspect=0.8)
+    rendering = render_lesion(traits, synthetic_render.LIGHT_SKIN, np.random.default_rng(1), 128, "3D: XP")
+    plain = draw_cues(rendering, (), [0, 0])
+    assert np.array_equal(plain, rendering.clean)
+    near = rendering.rel < 1.6
+    lab = lambda image: synthetic_render.srgb_to_lab(image[near]).mean(0)  # noqa: E731  (L, a, b)
+    base = lab(plain)
+    changed = {cue: draw_cues(rendering, (cue,), [0, 0]) for cue in synthetic_render.CUES}
+    for cue, image in changed.items():
+        difference = np.abs(image - plain).sum(-1)
+        assert difference.sum() > 0 and difference[~near].sum() < 0.05 * difference.sum(), cue
+    assert lab(changed["veil"])[2] < base[2] - 1        # bluer
+    assert lab(changed["vessels"])[1] > base[1] + 0.3   # redder
+    assert lab(changed["globules"])[0] < base[0] and lab(changed["streaks"])[0] < base[0]  # darker
+    assert lab(changed["regression"])[0] > base[0]      # lighter (scar-like)
+    both = draw_cues(rendering, ("veil", "globules"), [0, 0])  # the globules keep their shape beside a veil
+    outside_veil = np.abs(changed["veil"] - plain).sum(-1) == 0
+    assert outside_veil.sum() > 100 and np.allclose(both[outside_veil], changed["globules"][outside_veil], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown dermoscopic structure"):
+        draw_cues(rendering, ("pigment network",), [0, 0])
+    assert measure_lesion(rendering, np.random.default_rng(2), MEASURED_COLUMNS) == \
+        measure_lesion(rendering, np.random.default_rng(2), MEASURED_COLUMNS)
+
+
+def test_cancers_favour_the_head_and_neck():
+    weights = synthetic.NEVUS_SITE_WEIGHTS["male"]
+    benign, malignant = synthetic._site_weights(weights, False), synthetic._site_weights(weights, True)
+    head = synthetic.SITES.index("head/neck")
+    odds = lambda p: p[head] / (1 - p[head])  # noqa: E731
+    assert np.allclose(benign, weights) and odds(malignant) / odds(benign) == pytest.approx(synthetic.HEAD_NECK_RELATIVE_RISK)
 
 
 def test_missing_values_are_present():
@@ -194,13 +248,13 @@ def test_body_position_matches_site():
 
 def test_kaggle_layout_reads_back(tmp_path):
     h5py = pytest.importorskip("h5py")
-    counts = write_kaggle_layout(tmp_path, num_patients=4, seed=3, image_size=32)
+    counts = write_kaggle_layout(tmp_path, num_patients=4, seed=3, image_size=32, lesions_per_patient_median=10)
     metadata = pd.read_csv(tmp_path / "train-metadata.csv")
     assert list(metadata.columns) == CSV_COLUMNS
     assert counts["lesions"] == len(metadata) and counts["malignant"] == metadata["target"].sum()
     assert metadata["patient_id"].nunique() == 4
     assert metadata["lesion_id"].isna().any()
-    expected = list(generate_records(4, seed=3, image_size=32))
+    expected = list(generate_records(4, seed=3, image_size=32, lesions_per_patient_median=10))
     assert metadata["tbp_lv_areaMM2"].tolist() == pytest.approx([r["tbp_lv_areaMM2"] for r in expected])
     with h5py.File(tmp_path / "train-image.hdf5", "r") as images:
         assert sorted(images.keys()) == sorted(metadata["isic_id"])
@@ -210,17 +264,14 @@ def test_kaggle_layout_reads_back(tmp_path):
             assert Image.open(io.BytesIO(data)).convert("RGB").size == (32, 32)
 
 
-def test_cli_kaggle_and_report(tmp_path, capsys):
-    synthetic.main(["kaggle", "--output-dir", str(tmp_path), "--patients", "2", "--image-size", "32"])
+def test_cli_kaggle(tmp_path, capsys):
+    synthetic.main(["kaggle", "--output-dir", str(tmp_path), "--patients", "2", "--image-size", "32", "--lesions-per-patient", "5"])
     assert (tmp_path / "train-metadata.csv").exists() and '"lesions"' in capsys.readouterr().out
-    report = synthetic.signal_report(30, seed=0, image_size=32, malignant_rate=0.1, n_splits=2)
-    assert [r["view"][:3] for r in report["results"]] == ["(a)", "(b)", "(c)", "(d)"]
-    assert all(0.0 <= r["auroc_mean"] <= 1.0 for r in report["results"])
-    assert synthetic.report_markdown(report).count("\n| (") == 4
 
 
 @pytest.mark.parametrize("kwargs", [{"num_patients": -1}, {"num_patients": 1, "image_size": 8},
-                                    {"num_patients": 1, "malignant_rate": 1.5}])
+                                    {"num_patients": 1, "malignant_patient_share": 1.5},
+                                    {"num_patients": 1, "lesions_per_patient_median": 0}])
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         next(generate_records(**kwargs))
@@ -238,11 +289,12 @@ def test_patient_level_structure_follows_dermatology():
     assert old.keratoses.mean() > 3 * middle.keratoses.mean() > 0
     assert 0.6 < np.mean([p.sex == "male" for p in patients if p.sex]) < 0.72
 
-    frame = _frame(_records(150, image_size=16, malignant_rate=0.1))
+    frame = _frame(_records(150, image_size=16))
     shares = pd.crosstab(frame["sex"], frame["anatom_site_general"], normalize="index")
     assert shares.loc["male", "posterior torso"] > shares.loc["female", "posterior torso"] + 0.08
     assert shares.loc["female", "lower extremity"] > shares.loc["male", "lower extremity"] + 0.1
-    older = frame["age_approx"] >= frame["age_approx"].median()
-    assert frame.loc[older, "target"].mean() > 1.2 * frame.loc[~older, "target"].mean()
-    level = synthetic.patient_level_signal(frame)
+    positive = [synthetic.sample_patient(0, i).num_malignant > 0 for i in range(3000)]
+    older = np.array([p.age >= 57 for p in patients])
+    assert np.mean(np.array(positive)[older]) > 1.2 * np.mean(np.array(positive)[~older])
+    level = patient_level_signal(frame, MEASURED_COLUMNS + synthetic.BODY_POSITION)
     assert level["age_r2"] > 0.1 and level["sex_auroc"] > 0.7

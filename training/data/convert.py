@@ -63,6 +63,7 @@ from .rows import (FORMAT_VERSION, SPLITS, DataError, FaultLog, check_splits, id
                    select_rows, split_patients, split_rows)
 from .shards import DONE, build_splits, file_digest, images_digest, split_counts, write_buckets
 from .sources import SOURCES, InputError, SourceSpec, duplicate_columns, open_image_store
+from .synthetic import add_generator_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,10 @@ def resolve_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, list[Pat
         return Path(args.metadata), [Path(p) for p in args.images]
     source = work / "source"
     if not (source / "done").is_file():
-        from .synthetic import write_kaggle_layout
+        from .synthetic import generator_options, write_kaggle_layout
 
         shutil.rmtree(source, ignore_errors=True)
-        write_kaggle_layout(source, args.patients, seed=args.seed, image_size=args.image_size)
+        write_kaggle_layout(source, args.patients, seed=args.seed, image_size=args.image_size, **generator_options(args))
         (source / "done").touch()
     return source / "train-metadata.csv", [source / "train-image.hdf5"]
 
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic = sub.add_parser("synthetic", parents=[common], help=SOURCES["synthetic"].description)
     synthetic.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
     synthetic.add_argument("--image-size", type=int, default=128, help="side of the square crops, pixels")
+    add_generator_arguments(synthetic)
     return parser
 
 
