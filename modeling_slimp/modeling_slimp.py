@@ -430,7 +430,8 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
     Absent metadata is missing and, without `patient_index`, every lesion is its own patient, so
     `pipeline("image-classification")`, which passes only `pixel_values`, works and its path is affine
     in the image feature (exportable to a built-in classifier). A head fitted on metadata or context is
-    not fitted for that path, so it then warns once (its model card scores it: "test, images only"). For
+    not fitted for that path, so it then warns, once per process (its model card scores it: "test, images only";
+an explicit `patient_index`, e.g. `torch.arange(N)`, states the images-only use and does not warn). For
     a patient whose lesions do not fit
     in one batch, compute `lesion_features` batch by batch, pool them with `pooling.PatientSums` and call
     `classify` (what the project's evaluation does), so the context covers all of the patient's lesions.
@@ -444,7 +445,6 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         sizes = self.part_sizes()
         self.classifier = nn.Linear(sum(sizes[part] for part in self.parts), config.num_labels)
-        self._warned_images_only = False
         self.post_init()
         self.freeze_unused()
 
@@ -563,11 +563,11 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
         """
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict)
-        if self.parts != ["image"] and not self._warned_images_only and not is_tracing() and all(value is None for value in (
+        if self.parts != ["image"] and not is_tracing() and all(value is None for value in (
                 lesion_numerical_values, lesion_categorical_ids, patient_numerical_values, patient_categorical_ids,
                 patient_index)):
-            self._warned_images_only = True  # once per model
-            logger.warning(
+            # Once per process, not per model: pipeline() builds a new model at each call.
+            logger.warning_once(
                 f"This classifier reads {self.config.classifier_features} but was given images only: every metadata "
                 "value is treated as missing and each lesion as its own patient, which is not what its head was fitted "
                 "on (training/finetune.py scores this use in the 'test, images only' row of its card). Pass metadata "

@@ -8,17 +8,20 @@ Used by validation (`pretrain.py`), evaluation (`evaluate.py`), fine-tuning (`fi
 extrapolation (`extrapolate.py`) and the benchmarks. Batches hold whole patients (a patient with more
 lesions than `batch_size` spans consecutive batches of its own), and every patient-level value is a
 per-patient sum (`modeling_slimp.PatientSums`) over all of the patient's lesions, so phenotype and
-patient context are exact for any patient size and any batch size.
+patient context are exact for any patient size and any batch size. Each pass shows a progress bar over its
+batches on the local main process (`progress=False` hides it; it is removed when the pass ends).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from modeling_slimp import PatientSums, SLIMPForLesionClassification, SLIMPModel
 from modeling_slimp.schema_slimp import factorize, rows_by_patient
@@ -47,7 +50,14 @@ def patient_batches(patient_ids: Sequence, batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _batches(dataset, collator: SLIMPCollator, batch_size: int, num_workers: int, device):
+def progress_bar(iterable, total: int, desc: str, progress: bool | None):
+    """`iterable` with a tqdm bar on the local main process (`progress` None) or as `progress` says."""
+    show = int(os.environ.get("LOCAL_RANK", "0")) == 0 if progress is None else progress
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, disable=not show)
+
+
+def _batches(dataset, collator: SLIMPCollator, batch_size: int, num_workers: int, device, desc: str = "embedding",
+             progress: bool | None = None):
     """(rows, model inputs on `device`, global patient index (n,)) of each whole-patient batch."""
     patient_ids = column_list(dataset, "patient_id")
     codes, _ = factorize(patient_ids)
@@ -56,7 +66,7 @@ def _batches(dataset, collator: SLIMPCollator, batch_size: int, num_workers: int
     source = ColumnBatches(dataset) if hasattr(dataset, "with_format") else dataset  # Arrow columns, not row dicts
     loader = DataLoader(source, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
     transform = BatchTransform(collator.processor)
-    for rows, batch in zip(batches, loader):
+    for rows, batch in zip(batches, progress_bar(loader, len(batches), desc, progress)):
         yield rows, transform(batch, device), codes[rows].to(device)
 
 
@@ -70,7 +80,8 @@ def context_of(values: torch.Tensor, patient_codes: torch.Tensor, num_patients: 
 
 @torch.inference_mode()
 def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size: int = 256, num_workers: int = 0,
-                device: torch.device | str | None = None, losses: bool = False) -> dict[str, np.ndarray]:
+                device: torch.device | str | None = None, losses: bool = False, desc: str = "embedding",
+                progress: bool | None = None) -> dict[str, np.ndarray]:
     """Per-lesion features of a split, in dataset order.
 
     Returns numpy arrays: `image`, `lesion_metadata`, `patient_metadata`, `phenotype` (N, D), the
@@ -79,7 +90,7 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
     rows repeated for each of the patient's lesions); `labels` (N,), `patient_ids` (N,) and
     `patient_codes` (N,) (patients numbered in order of first appearance). With `losses=True` also
     `lesion_loss` and `patient_loss`, the mean over the batches of the model's own loss terms.
-    `collator` is an evaluation `SLIMPCollator` (no augmentation).
+    `collator` is an evaluation `SLIMPCollator` (no augmentation). `desc` names the progress bar.
     """
     model.eval()
     device = torch.device(device) if device is not None else model.device
@@ -91,7 +102,7 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
     parts: dict[str, list] = {key: [] for key in keys}
     patient_parts = {"patient_metadata": None, "patient_metadata_tower": None}
     labels, order, totals, batches = [], [], {"lesion_loss": 0.0, "patient_loss": 0.0}, 0
-    for rows, batch, global_index in _batches(dataset, collator, batch_size, num_workers, device):
+    for rows, batch, global_index in _batches(dataset, collator, batch_size, num_workers, device, desc, progress):
         batch_labels = batch.pop("labels", None)
         out = model(**batch, return_loss=losses)
         if losses:
@@ -129,7 +140,8 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
 @torch.inference_mode()
 def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPCollator, batch_size: int = 256,
                   num_workers: int = 0, device: torch.device | str | None = None,
-                  return_features: bool = False) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
+                  return_features: bool = False, desc: str = "predicting", progress: bool | None = None
+                  ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """Logits (N, C) and labels (N,) of a split, in dataset order, with the patient context over all of each
     patient's lesions (`SLIMPForLesionClassification.lesion_features` per batch, `classify` at the end).
     With `return_features=True` also the head's input parts (numpy, per lesion) and `patient_codes`."""
@@ -138,7 +150,7 @@ def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPC
     collator.processor.check_columns(dataset.column_names)
     parts: dict[str, list] = {}
     labels, order, codes = [], [], []
-    for rows, batch, global_index in _batches(dataset, collator, batch_size, num_workers, device):
+    for rows, batch, global_index in _batches(dataset, collator, batch_size, num_workers, device, desc, progress):
         batch_labels = batch.pop("labels", None)
         batch.pop("ssl_pixel_values", None)
         features = model.lesion_features(**batch)
@@ -169,17 +181,22 @@ def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPC
 
 @torch.no_grad()
 def predict_images_only(model: SLIMPForLesionClassification, dataset, processor, batch_size: int = 64,
-                        image_column: str = "image", device: torch.device | str | None = None) -> np.ndarray:
+                        image_column: str = "image", device: torch.device | str | None = None,
+                        progress: bool | None = None) -> np.ndarray:
     """Logits (N, C) of a split as `pipeline("image-classification")` and the Hub widget compute them: the
-    images alone (every metadata value missing) and each lesion its own patient (no patient context)."""
+    images alone (every metadata value missing) and each lesion its own patient (no patient context). The
+    explicit `patient_index` (one patient per lesion, what the pipeline's call implies) says this use is meant,
+    so the model's images-only warning is left to the caller."""
     model.eval()
     device = torch.device(device) if device is not None else model.device
     logits = []
-    for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    for start in progress_bar(starts, len(starts), "predicting from images only", progress):
         images = dataset[start:start + batch_size][image_column]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        logits.append(model(pixel_values=pixel_values).logits.float().cpu())
+        own_patients = torch.arange(len(pixel_values), device=device)
+        logits.append(model(pixel_values=pixel_values, patient_index=own_patients).logits.float().cpu())
     return torch.cat(logits).numpy() if logits else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 
-__all__ = ["REPRESENTATIONS", "patient_batches", "context_of", "embed_split", "predict_split", "predict_images_only"]
+__all__ = ["REPRESENTATIONS", "progress_bar", "patient_batches", "context_of", "embed_split", "predict_split", "predict_images_only"]

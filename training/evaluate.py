@@ -1,7 +1,6 @@
 """Evaluate a SLIMP checkpoint on frozen features: linear probe (full and k-shot) and retrieval.
 
-    python training/evaluate.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
-        --output_dir outputs/slimp-synthetic/eval
+    python training/evaluate.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic   # -> outputs/slimp-synthetic-eval
     python training/evaluate.py --model_dir outputs/slimp-isic2024 --dataset_dir data/ham10000 \
         --output_dir reports/ham10000 --seeds 0 1 2 3 4 --shots 1 5 10 50 --splits train validation test
     python training/evaluate.py configs/evaluate.yaml                  # a YAML/JSON config-file shortcut
@@ -16,13 +15,16 @@ regression probe is fitted on the whole training split, and k-shot probes on k l
 (binary: k positives and k negatives) drawn from it, per seed; both feature sets see the same draw.
 A k larger than the rarest class of the training split is skipped and noted. Metrics: AUROC (macro
 one-vs-rest for more than 2 classes), the ISIC 2024 pAUC above 80% TPR and the ISIC 2024 patient metric
-(top-15 retrieval sensitivity), both for `--pauc_class` vs rest (default class 1), and balanced accuracy, as mean ± sample std over the seeds; the full probe's solver
-is deterministic, so its spread is 0 and the seeds matter for the k-shot draws. Retrieval: recall@1/5/10
+(top-15 retrieval sensitivity), both for `--pauc_class` vs rest (default: the label name that is a known malignant
+diagnosis, `training/labels.py`), and balanced accuracy, as mean ± sample std over the seeds; the full probe's solver
+is deterministic, so it is fitted once (spread 0) and the seeds matter for the k-shot draws. Retrieval: recall@1/5/10
 of image -> lesion metadata and back within each evaluated split, beside chance (k/N). Splits are
 patient-disjoint by construction (training/prepare_data.py).
 
 Writes `results.json`, `results.md` (Markdown tables), `roc.png` (full-probe ROC per feature set on the
-last split) and `kshot.png` (AUROC vs k, std error bars) into `--output_dir`; `main` returns the results.
+last split) and `kshot.png` (AUROC vs k, std error bars) into `--output_dir` (default `MODEL_DIR-eval`, beside
+the model folder, never inside the folder that is pushed); `main` returns the results. Progress bars show the
+feature extraction and the probe fits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,7 +47,9 @@ from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa
 from training.data.collate import SLIMPCollator  # noqa: E402
 from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import REPRESENTATIONS, embed_split  # noqa: E402
+from training import labels as label_rules  # noqa: E402
 from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
+from training.release import is_hub_id  # noqa: E402
 from training.results import write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -58,7 +63,7 @@ RETRIEVAL_KS = (1, 5, 10)
 class EvaluateArguments:
     model_dir: str = field(metadata={"help": "A saved SLIMPModel folder (pretrain.py output) or Hub id."})
     dataset_dir: str = field(metadata={"help": "A dataset from `python -m training.prepare_data`."})
-    output_dir: str = field(metadata={"help": "Where results.json, results.md, roc.png and kshot.png go."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where results.json, results.md, roc.png and kshot.png go (default: MODEL_DIR-eval beside the model folder, so that the folder you push holds the model only; eval/NAME for a Hub id)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the probes and k-shot draws."})
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50], metadata={"help": "k of the k-shot probes (k lesions per class)."})
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"],
@@ -70,10 +75,14 @@ class EvaluateArguments:
     probe_C: list[float] = field(default_factory=lambda: list(PROBE_C_GRID), metadata={"help": "Inverse L2 strength of the logistic-regression probe, or several: each feature set takes the one with the best validation AUROC (--select_split)."})
     select_split: str | None = field(default=None, metadata={"help": "Split that picks the probe's C from --probe_C (default: validation when evaluated; without it the grid's middle value)."})
     pauc_class: str | None = field(default=None,
-                                   metadata={"help": "Label name (or id) whose one-vs-rest pAUC is reported; default: class 1."})
+                                   metadata={"help": "The positive class (a label name or id) whose one-vs-rest pAUC and top-15 are reported; default: the label name that is a known malignant diagnosis ('malignant', 'melanoma', 'mel', ...); a binary labelling without one is refused."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | ...; default: cuda if available."})
 
     def __post_init__(self):
+        if self.output_dir is None:
+            model = Path(self.model_dir.rstrip("/"))
+            self.output_dir = str(model.with_name(model.name + "-eval") if model.exists() or not is_hub_id(self.model_dir)
+                                  else Path("eval") / self.model_dir.replace("/", "--"))
         if len(self.splits) < 2 or len(set(self.splits)) != len(self.splits):
             raise ArgumentError(f"--splits needs the training split and at least one other, all distinct; got {self.splits}")
         if not self.seeds:
@@ -123,29 +132,37 @@ def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str])
 
 
 def select_C(train_x: np.ndarray, train_y: np.ndarray, select_x: np.ndarray, select_y: np.ndarray, grid: list[float],
-             seed: int = 0, positive_class: int = 1) -> float:
-    """The L2 strength of the probe with the best AUROC on the selection split (the first of equal ones);
-    the grid's middle value when the selection split cannot rank (one class only)."""
+             seed: int = 0, positive_class: int = 1, progress=None) -> tuple[float, object | None]:
+    """(C, probe): the L2 strength of the probe with the best AUROC on the selection split (the first of equal
+    ones) and that probe, fitted on all of `train_x`; the grid's middle value and None (nothing fitted) when the
+    selection split cannot rank (one class only). `progress`: a tqdm bar advanced once per fit."""
     if len(grid) == 1 or len(np.unique(select_y)) < 2:
-        return grid[len(grid) // 2]
-    best, best_auroc = grid[0], -np.inf
+        return grid[len(grid) // 2], None
+    best, best_probe, best_auroc = grid[0], None, -np.inf
     for C in grid:
         probe = fit_probe(train_x, train_y, seed=seed, C=C)
+        if progress is not None:
+            progress.update(1)
         value = probe_metrics(select_y, probe.predict_proba(select_x), probe.classes_, positive_class=positive_class)["auroc"]
         if value > best_auroc + 1e-12:
-            best, best_auroc = C, value
-    return best
+            best, best_probe, best_auroc = C, probe, value
+    return best, best_probe
 
 
 def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
                       label_names: list[str], seeds: list[int], shots: list[int], C: float | list[float] = 1.0,
                       positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
-                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None) -> tuple[dict, dict]:
+                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None,
+                      progress: bool = True) -> tuple[dict, dict]:
     """Full and k-shot probes and retrieval on extracted features.
 
     `C` is the probe's inverse L2 strength, or a grid of them: each feature set then uses the value with the
     best AUROC on `select_split` (default: "validation" when it is among `eval_splits`; without one, the
     grid's middle value), for its full and k-shot probes alike.
+
+    The full probe is fitted once per feature set (the lbfgs solver is deterministic: every seed would fit the
+    same model; the probe that won the selection of C is reused) and counted once per seed; the k-shot probes
+    are fitted per seed and k. A progress bar counts the fits (`progress=False` hides it).
 
     Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
     `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`,
@@ -163,14 +180,22 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
     grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
     select = select_split or ("validation" if "validation" in eval_splits else None)  # never the test split by default
     chosen = {}
+    fits = len(feature_sets) * ((len(grid) if select is not None and len(grid) > 1 else 1) + len(seeds) * len(kept))
+    bar = tqdm(total=fits, desc="probes", unit="fit", disable=not progress)
     for feature_set in feature_sets:
         train_x = inputs[train_split, feature_set]
-        chosen[feature_set] = grid[len(grid) // 2] if select is None else select_C(
-            train_x, train["labels"], inputs[select, feature_set], features[select]["labels"], grid, seeds[0], positive_class)
+        chosen[feature_set], full = (grid[len(grid) // 2], None) if select is None else select_C(
+            train_x, train["labels"], inputs[select, feature_set], features[select]["labels"], grid, seeds[0],
+            positive_class, bar)
+        if full is None:
+            full = fit_probe(train_x, train["labels"], seed=seeds[0], C=chosen[feature_set])
+            bar.update(1)
         for seed in seeds:
-            runs = [("full", None, np.arange(len(train_x)))] + [("kshot", k, draws[k, seed]) for k in kept]
-            for kind, k, rows in runs:
-                probe = fit_probe(train_x[rows], train["labels"][rows], seed=seed, C=chosen[feature_set])
+            runs = [("full", None, full)] + [("kshot", k, draws[k, seed]) for k in kept]
+            for kind, k, probe in runs:
+                if kind == "kshot":
+                    probe = fit_probe(train_x[probe], train["labels"][probe], seed=seed, C=chosen[feature_set])
+                    bar.update(1)
                 for split in eval_splits:
                     scores = probe.predict_proba(inputs[split, feature_set])
                     metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class,
@@ -180,6 +205,7 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
                         raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
                     if kind == "full" and seed == seeds[0] and split == curves["split"]:
                         curves["scores"][feature_set] = (scores, [int(c) for c in probe.classes_])
+    bar.close()
     results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "probe_C": chosen, "retrieval": {}}
     for (split, feature_set), metrics in raw["full"].items():
         results["linear_probe"].setdefault(split, {})[feature_set] = {m: summarise(v) for m, v in metrics.items()}
@@ -307,14 +333,11 @@ def write_report(results: dict, curves: dict, label_names: list[str], positive_c
 # ----- script -----
 
 def resolve_class(name: str | None, label_names: list[str]) -> int:
-    """`--pauc_class` (label name or id; None: class 1) -> class id."""
-    if name is None:
-        return 1
-    if name in label_names:
-        return label_names.index(name)
-    if name.isdigit() and int(name) < len(label_names):
-        return int(name)
-    raise ValueError(f"--pauc_class must be one of {label_names} or an id below {len(label_names)}, got '{name}'")
+    """`--pauc_class` (label name or id; None: from the label names, `training.labels.positive_class`) -> class id."""
+    try:
+        return label_rules.positive_class(label_names, name)
+    except label_rules.LabelError as error:
+        raise ArgumentError(f"--pauc_class: {error}".replace("--positive_label", "--pauc_class")) from None
 
 
 def split_info(dataset, label_names: list[str]) -> dict:
@@ -335,9 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
         label_names = label_names or list(dataset.features["label"].names)
         logger.info("extracting features of %s (%d lesions)", split, len(dataset))
         features[split] = embed_split(model, dataset, collator, batch_size=args.batch_size,
-                                      num_workers=args.num_workers, device=device)
+                                      num_workers=args.num_workers, device=device, desc=f"embedding {split}")
         splits[split] = split_info(dataset, label_names)
     positive_class = resolve_class(args.pauc_class, label_names)
+    logger.info(label_rules.describe(label_names, positive_class))
     results, curves = evaluate_features(features, args.splits[0], args.splits[1:], label_names, args.seeds,
                                         args.shots, args.probe_C, positive_class, tuple(args.feature_sets),
                                         args.representation, args.select_split)

@@ -235,14 +235,21 @@ def load_classifier(model_args: ModelArguments, label_names: list[str], class_we
         **base.to_dict(), "classifier_features": model_args.classifier_features,
         "classifier_representation": model_args.representation, "class_weights": class_weights,
         "id2label": dict(enumerate(label_names)), "label2id": None, "architectures": ["SLIMPForLesionClassification"]})
-    model, info = SLIMPForLesionClassification.from_pretrained(
-        model_args.model_dir, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    # transformers' load report would warn that the head is MISSING: it is meant to be, and the keys are checked below.
+    report, quiet = logging.getLogger("transformers.modeling_utils"), lambda record: "LOAD REPORT" not in record.getMessage()
+    report.addFilter(quiet)
+    try:
+        model, info = SLIMPForLesionClassification.from_pretrained(
+            model_args.model_dir, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    finally:
+        report.removeFilter(quiet)
     mismatched = {key for key, *_ in info["mismatched_keys"]}
     unexpected = set(info["unexpected_keys"])
     if (set(info["missing_keys"]) | mismatched) - HEAD_KEYS or unexpected:
         raise ValueError(f"{model_args.model_dir} does not hold the SLIMP weights of this config: missing "
                          f"{sorted(set(info['missing_keys']) - HEAD_KEYS)}, mismatched {sorted(mismatched - HEAD_KEYS)}, "
                          f"unexpected {sorted(unexpected)}")
+    logger.info("the pre-trained weights of %s are loaded; the head (%s) is new", model_args.model_dir, ", ".join(sorted(HEAD_KEYS)))
     return model
 
 
@@ -314,7 +321,8 @@ def fit_linear_head(model: SLIMPForLesionClassification, train_split, collator: 
                     class_weights: list[float] | None, seed: int, batch_size: int) -> None:
     """Compute the frozen features of the train split once (whole patients) and set `model.classifier` to
     the logistic-regression probe fitted on them (standardisation folded into the weights)."""
-    _, labels, extras = predict_split(model, train_split, collator, batch_size=batch_size, return_features=True)
+    _, labels, extras = predict_split(model, train_split, collator, batch_size=batch_size, return_features=True,
+                                      desc="features of train")
     inputs = np.concatenate([extras[part] for part in model.parts], axis=1)  # the head's input, in its order
     weights = None if class_weights is None else dict(enumerate(class_weights))
     probe = fit_probe(inputs, labels, seed=seed, C=model_args.probe_C, class_weight=weights)
@@ -494,7 +502,8 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
     if is_main:
         scores = {}
         for name, split in (("validation", validation_split), ("test", test_split)):
-            logits, labels = predict_split(model, split, eval_collator, batch_size=data_args.eval_batch_size)
+            logits, labels = predict_split(model, split, eval_collator, batch_size=data_args.eval_batch_size,
+                                           desc=f"predicting {name}")
             scores[name] = classification_metrics(labels, logits, patient_ids=column_list(split, "patient_id"),
                                                   positive_class=positive)
         if model.config.classifier_features != "image":  # what pipeline() and the Hub widget will see
