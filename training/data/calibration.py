@@ -160,7 +160,7 @@ def relative_gain_share(boosters: list, relative_columns: np.ndarray) -> float:
     return float(gains[relative_columns].sum() / gains.sum())
 
 
-def image_scores(images: np.ndarray, labels: np.ndarray, folds: list, seed: int, epochs: int = 25) -> np.ndarray:
+def image_scores(images: np.ndarray, labels: np.ndarray, folds: list, seed: int, epochs: int = 40) -> np.ndarray:
     """Out-of-fold malignancy scores of a small CNN trained from scratch on uint8 crops (N, S, S, 3): four
     conv-batchnorm-ReLU blocks, global pooling, a linear head; each epoch holds every positive of the fold and
     three times as many negatives drawn anew (the real study's undersampling), flips and quarter turns."""
@@ -254,7 +254,7 @@ def generated_table(num_patients: int, seed: int, image_size: int, model_image_s
     return pd.DataFrame(rows), np.stack(images)
 
 
-def calibration_report(num_patients: int, seed: int = 0, image_size: int = 128, folds: int = 5, image_epochs: int = 25,
+def calibration_report(num_patients: int, seed: int = 0, image_size: int = 128, folds: int = 5, image_epochs: int = 40,
                        **generator_options) -> dict:
     """Generate a dataset and measure every fact of `FACTS` on it, plus the tabular anchors and the image rows.
     ``generator_options`` go to `generate_records` (its defaults are the calibrated dataset)."""

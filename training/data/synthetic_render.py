@@ -218,7 +218,7 @@ def _regression(rendering: Rendering, rng: np.random.Generator, px_per_mm: float
     area = np.clip((blob - threshold) * 3.0, 0.0, 1.0) * np.clip((0.95 - rendering.rel) * 4.0, 0.0, 1.0)
     pepper = (rng.random((size, size)) < 0.12).astype(np.float32) * (area > 0.5)
     colour = np.where(pepper[..., None] > 0, np.float32([0.42, 0.45, 0.52]), SCAR_COLOUR.astype(np.float32))
-    return np.maximum(area * rng.uniform(0.55, 0.8), pepper * 0.8), colour
+    return np.maximum(area * rng.uniform(0.7, 0.9), pepper * 0.8), colour
 
 
 def _streaks(rendering: Rendering, rng: np.random.Generator, px_per_mm: float):
@@ -252,7 +252,7 @@ def _vessels(rendering: Rendering, rng: np.random.Generator, px_per_mm: float):
     draw = ImageDraw.Draw(mask)
     starts = _pick_pixels(rendering.rel < 0.6, 3, rng)
     step = 0.35 * px_per_mm
-    width = max(1, int(round(0.1 * px_per_mm)))
+    width = max(1, int(round(0.15 * px_per_mm)))
     for start in starts:
         heading = rng.uniform(0, 2 * np.pi)
         for _branch in range(3):
@@ -263,7 +263,7 @@ def _vessels(rendering: Rendering, rng: np.random.Generator, px_per_mm: float):
                 draw.line([(float(point[1]), float(point[0])), (float(nxt[1]), float(nxt[0]))], fill=255, width=width)
                 point = nxt
     coverage = np.asarray(mask, dtype=np.float32) / 255.0
-    coverage = coverage * np.clip((1.05 - rendering.rel) * 4.0, 0.0, 1.0) * rng.uniform(0.55, 0.8)
+    coverage = coverage * np.clip((1.05 - rendering.rel) * 4.0, 0.0, 1.0) * rng.uniform(0.7, 0.9)
     return coverage, VESSEL_COLOUR.astype(np.float32)
 
 
