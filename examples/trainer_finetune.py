@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import datasets  # noqa: E402
+import torch  # noqa: E402
 from transformers import Trainer, TrainingArguments, pipeline  # noqa: E402
 
 import modeling_slimp  # noqa: E402, F401  (registers the SLIMP classes with the Auto* factories)
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
 
     training_args = TrainingArguments(output_dir=args.output_dir + "-checkpoints", max_steps=args.max_steps,
                                       per_device_train_batch_size=args.patients_per_batch, learning_rate=1e-3,
-                                      logging_steps=10, save_strategy="no", report_to="none", dataloader_num_workers=0)
+                                      logging_steps=10, save_strategy="no", report_to="none", dataloader_num_workers=0,
+                                      dataloader_pin_memory=torch.cuda.is_available())  # nothing to pin to on a CPU
     trainer = Trainer(model=model, args=training_args,
                       train_dataset=PatientChunks(splits["train"], max_lesions_per_patient=16),
                       data_collator=SLIMPDataCollator(processor), processing_class=processor)

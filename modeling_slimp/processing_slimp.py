@@ -313,7 +313,8 @@ class SLIMPProcessor(ProcessorMixin):
 
     def check_columns(self, column_names: Iterable[str]) -> list[str]:
         """The schema columns absent from `column_names` (a table's columns): each is read as missing, and
-        `patient_id` missing makes every lesion its own patient. Warns once per column for this processor
+        `patient_id` missing makes every lesion its own patient. Says so once per column (info level: any subset
+        of the columns is a valid input; a missing `patient_id` is a warning) for this processor
         and the copies made of it afterwards, so a training script calls it on the dataset's columns
         before its DataLoader workers copy the processor (each epoch), instead of every worker warning."""
         column_names = set(column_names)
@@ -322,7 +323,8 @@ class SLIMPProcessor(ProcessorMixin):
         new = [f for f in absent if f not in self._warned_absent]
         if new:
             self._warned_absent.update(new)
-            logger.warning("metadata has no column(s) %s: treated as missing.", ", ".join(new))
+            # Any subset of the columns is a valid input (an expected condition, not a fault): info, not a warning.
+            logger.info("metadata has no column(s) %s: treated as missing.", ", ".join(new))
         if PATIENT_COLUMN not in column_names:
             absent.append(PATIENT_COLUMN)
             if PATIENT_COLUMN not in self._warned_absent:

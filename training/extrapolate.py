@@ -200,7 +200,6 @@ def build_bank(reference_features: dict[str, np.ndarray], reference, features: d
             logger.warning("reference has no column '%s': the bank holds it as missing", name)
             values = [float("nan") if kind == "numerical" else None] * len(reference)
         metadata[name] = values
-    logger.warning(PATIENT_DATA_WARNING, len(reference))
     return ReferenceBank(embeddings=reference_features["image"].astype(np.float32), metadata=metadata,
                          info={**info, "features": features, "num_lesions": len(reference)})
 

@@ -46,6 +46,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,7 +305,9 @@ def prepare_for_mode(model: SLIMPForLesionClassification, model_args: ModelArgum
     config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                         target_modules=lora_target_pattern(model_args, model.config.classifier_features),
                         modules_to_save=["classifier"])
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     adapted = {name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
     for part in model.parts:
         if TOWERS[part] and not any(f".slimp.{TOWERS[part]}." in name for name in adapted):

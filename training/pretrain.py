@@ -62,6 +62,7 @@ from training.data.sampler import PatientBatchSampler  # noqa: E402
 from training.data.streaming import StreamingPatientBatches  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
+from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16  # noqa: E402
 from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns  # noqa: E402
 from training.probe import retrieval_metrics  # noqa: E402
 from training.release import RELEASE_FILES, probe_report, save_release  # noqa: E402
@@ -147,7 +148,7 @@ class TrainArguments:
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps (at most half of the run)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}. " + SLOW_BF16_HELP})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order, augmentations and dropout."})
     logging_steps: int = field(default=20, metadata={"help": "Log the loss terms every this many steps."})
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
                               step_scheduler_with_optimizer=False,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.logging_dir)
+    if args.mixed_precision == "bf16" and accelerator.is_local_main_process:
+        warn_if_slow_bf16("--mixed_precision bf16", accelerator.device.type == "cpu", logger)
     with locked({"release folder (--output_dir)": args.output_dir, "checkpoint folder (--checkpoint_dir)": args.checkpoint_dir},
                 enabled=accelerator.is_main_process):
         check_outputs(data_args, model_args, args)  # again, now that no other run can write them

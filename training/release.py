@@ -73,7 +73,8 @@ def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
     untrained = SLIMPModel(model.config).to(model.device)
     rows = {}
     for name, candidate in (("untrained", untrained), ("SLIMP", model)):
-        train_features, test_features = embed_split(candidate, train, collator), embed_split(candidate, test, collator)
+        train_features = embed_split(candidate, train, collator, desc=f"probe: embedding train ({name})")
+        test_features = embed_split(candidate, test, collator, desc=f"probe: embedding test ({name})")
         for feature_set in PROBE_FEATURE_SETS:
             rows[f"{name} / {feature_set}"] = linear_probe(
                 probe_inputs(train_features, feature_set, representation), train_features["labels"],
