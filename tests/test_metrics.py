@@ -86,6 +86,8 @@ def test_evaluate_module_loads_offline_by_path_and_matches(monkeypatch):
     assert result["pauc"] == pytest.approx(isic2024_pauc(y, score), abs=1e-12)
     result = module.compute(references=y.tolist(), predictions=score.tolist(), min_tpr=0.5)
     assert result["pauc"] == pytest.approx(isic2024_pauc(y, score, min_tpr=0.5), abs=1e-12)
+    with pytest.warns(UserWarning, match="one class only"):  # undefined: said, not a silent NaN
+        assert np.isnan(module.compute(references=[1, 1, 1], predictions=[0.2, 0.5, 0.9])["pauc"])
 
 
 def test_auroc_binary_and_two_column_logits():

@@ -12,6 +12,8 @@ the SLIMP training code uses; `evaluate` copies it along with this script.
 
 from __future__ import annotations
 
+import warnings
+
 import datasets
 import evaluate
 
@@ -35,7 +37,7 @@ Args:
     top_k (`int`, defaults to 15): lesions looked at per patient for the patient-level metric.
 
 Returns:
-    pauc (`float`): the partial AUC, in [0, 1 - min_tpr]; NaN if the references hold one class.
+    pauc (`float`): the partial AUC, in [0, 1 - min_tpr]; NaN, with a warning, if the references hold one class.
     top15_sensitivity (`float`, with patient_ids): over the patients with a malignant lesion, the mean share
         of their malignant lesions among their `top_k` highest-scored lesions (the ISIC 2024 patient metric).
     top15_found_fraction (`float`, with patient_ids): the share of all malignant lesions found that way.
@@ -76,6 +78,11 @@ class Isic2024Pauc(evaluate.Metric):
 
     def _compute(self, predictions: list[float], references: list[int], min_tpr: float = 0.8, patient_ids=None,
                  top_k: int = 15) -> dict:
+        classes = sorted(set(int(r) for r in references))
+        if len(classes) < 2:
+            warnings.warn(f"isic2024_pauc: the references hold one class only ({classes or 'none'}); the partial AUC is "
+                          "undefined and returned as NaN. Score a split with both malignant (1) and benign (0) lesions.",
+                          UserWarning, stacklevel=2)
         result = {"pauc": isic2024_pauc(references, predictions, min_tpr=min_tpr)}
         if patient_ids is not None:
             patient = top_k_sensitivity(references, predictions, patient_ids, k=top_k)
