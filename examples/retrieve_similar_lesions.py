@@ -9,7 +9,10 @@ patient's other lesions, and ranks the index by cosine similarity of
 - the image embedding, and
 - the lesion representation SLIMP pre-trains on: image + lesion-metadata embeddings concatenated (the
   cosine of two such vectors is the mean of the two cosines).
-Only image ids, labels and similarities are printed (no patient ids).
+Only image ids, labels and similarities are printed (no patient ids). Cosines of a small or briefly trained model
+crowd near 1 (0.99x for every lesion), so each ranking also prints the spread of the query's cosines over the
+whole index (median, 99th percentile, max) and each hit's z-score against it: how many standard deviations
+above the index's mean the hit lies, which is what says whether a neighbour is close.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_dir", required=True, help="a SLIMP checkpoint folder (encoder or classifier)")
     parser.add_argument("--dataset_dir", required=True, help="a dataset from `python -m training.prepare_data`")
-    parser.add_argument("--index_split", default="train")
-    parser.add_argument("--query_split", default="test")
+    parser.add_argument("--index_split", default="train", help="the split searched")
+    parser.add_argument("--query_split", default="test", help="the split of the query lesion")
     parser.add_argument("--query_index", type=int, default=0, help="row of the query lesion in --query_split")
     parser.add_argument("--query_image_id", help="the query lesion's image_id (instead of --query_index)")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--k", type=int, default=5, help="neighbours listed per ranking")
     args = parser.parse_args(argv)
 
     model = SLIMPModel.from_pretrained(args.model_dir).eval()
@@ -64,10 +67,15 @@ def main(argv: list[str] | None = None) -> None:
         similarity = vectors @ query_vectors[name][position]  # (N,) cosine: every vector has unit norm
         if args.query_split == args.index_split:
             similarity[index["image_id"].index(query["image_id"])] = -np.inf  # not the query itself
+        others = similarity[np.isfinite(similarity)]
+        mean, std = float(others.mean()), float(others.std()) or 1.0
         print(f"top {args.k} by {name}:")
+        print(f"  (cosines to the {len(others)} index lesions: median {np.median(others):+.3f}, 99th percentile "
+              f"{np.percentile(others, 99):+.3f}, max {others.max():+.3f}; z = standard deviations above their mean)")
         for rank, i in enumerate(np.argsort(-similarity, kind="stable")[: args.k], start=1):
             hit = index[int(i)]
-            print(f"  {rank}. {hit['image_id']}  {label_names[hit['label']]:<10} cosine {similarity[i]:+.3f}")
+            print(f"  {rank}. {hit['image_id']}  {label_names[hit['label']]:<10} cosine {similarity[i]:+.3f}  "
+                  f"z {(similarity[i] - mean) / std:+.1f}")
 
 
 if __name__ == "__main__":

@@ -121,9 +121,14 @@ def test_retrieve_similar_lesions_ranks_the_index_by_cosine(synthetic):  # noqa:
     blocks = stdout.split("top 4 by ")[1:]
     assert [block.split(":")[0] for block in blocks] == ["image", "image+metadata"]
     for block in blocks:
-        hits = re.findall(r"^\s+\d\. (\S+)\s+(\w+)\s+cosine ([+-][0-9.]+)$", block, flags=re.M)
+        hits = re.findall(r"^\s+\d\. (\S+)\s+(\w+)\s+cosine ([+-][0-9.]+)  z ([+-][0-9.]+)$", block, flags=re.M)
         assert len(hits) == 4
-        ids, labels, cosines = zip(*hits)
+        ids, labels, cosines, z = zip(*hits)
+        spread = re.search(r"cosines to the (\d+) index lesions: median ([+-][0-9.]+), 99th percentile ([+-][0-9.]+), "
+                           r"max ([+-][0-9.]+)", block)
+        assert int(spread[1]) == len(train) - 1 and float(spread[4]) == pytest.approx(float(cosines[0]), abs=1e-3)
+        assert float(spread[2]) <= float(spread[3]) <= float(spread[4])
+        assert list(map(float, z)) == sorted(map(float, z), reverse=True) and float(z[0]) >= 0
         assert set(ids) <= set(train["image_id"]) and query not in ids and len(set(ids)) == 4
         assert set(labels) <= {"benign", "malignant"}
         assert list(map(float, cosines)) == sorted(map(float, cosines), reverse=True) and float(cosines[0]) <= 1.0005
