@@ -1,6 +1,8 @@
 """Model presets and the SLIMPConfig of a dataset: backbone sizes, tower widths, fitted metadata schema.
 
-    config = build_slimp_config(schema, train_split, model_size="tiny", vision_model_type="vit")
+    from training.presets import preset_config
+    config = preset_config("small")                                   # a preset, anywhere (no data needed)
+    config = build_slimp_config(schema, train_split, model_size="tiny", vision_model_type="vit")  # pretrain.py's
 
 `tiny` is the CPU preset of the README's main job (64 px); `small` is the release architecture
 (ViT-S/16, DINOv2-S/14, ResNet-50 or ConvNeXt-T at 224 px); `base` is ViT-B sized.
@@ -10,7 +12,13 @@ from __future__ import annotations
 
 from transformers import ConvNextConfig, Dinov2Config, PreTrainedConfig, ResNetConfig, ViTConfig
 
-from modeling_slimp import SLIMPConfig, SLIMPProcessor
+from modeling_slimp import SLIMPConfig, SLIMPMetadataConfig, SLIMPProcessor
+from modeling_slimp.schema_slimp import (
+    ISIC2024_LESION_CATEGORICAL,
+    ISIC2024_LESION_NUMERICAL,
+    ISIC2024_PATIENT_CATEGORICAL,
+    ISIC2024_PATIENT_NUMERICAL,
+)
 
 MODEL_SIZES = ("tiny", "small", "base")
 VISION_MODEL_TYPES = ("vit", "dinov2", "resnet", "convnext")
@@ -50,6 +58,43 @@ def tower_sizes(model_size: str) -> dict:
     return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
 
 
+def preset_config(model_size: str = "small", vision_model_type: str = "vit", image_size: int | None = None,
+                  lesion_metadata_config: SLIMPMetadataConfig | dict | None = None,
+                  patient_metadata_config: SLIMPMetadataConfig | dict | None = None,
+                  vision: PreTrainedConfig | None = None, **overrides) -> SLIMPConfig:
+    """The SLIMPConfig of a preset: the image backbone, metadata tower widths and projection size of
+    `model_size` (`MODEL_SIZES`) with the `vision_model_type` backbone (`VISION_MODEL_TYPES`).
+
+        config = preset_config("small")                          # ViT-S/16 at 224 px, the ISIC 2024 columns
+        config = preset_config("tiny", "resnet", lesion_metadata_config={
+            "numerical_features": ["clin_size_long_diam_mm"], "numerical_mean": [4.0], "numerical_std": [2.0],
+            "categorical_features": {"anatom_site_general": ["head/neck", "upper extremity"]}})
+        model = SLIMPModel(config)                               # randomly initialised
+
+    Each metadata tower: a `SLIMPMetadataConfig` is used as it is; a dict of its fields gets the preset's tower
+    sizes (hidden size, layers, heads) unless it sets them; None gives the ISIC 2024 release columns with
+    mean 0 and std 1 (fit them on your training split with `SLIMPProcessor.fit_metadata_schema`, or use
+    `build_slimp_config`). `image_size` overrides the preset's resolution, `vision` replaces its backbone config;
+    `overrides` are other SLIMPConfig fields (`lesion_loss_weight`, `patient_aggregation`, `id2label`, ...).
+    """
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size must be one of {MODEL_SIZES}, got '{model_size}'")
+    defaults = {"lesion_metadata_config": (ISIC2024_LESION_NUMERICAL, ISIC2024_LESION_CATEGORICAL),
+                "patient_metadata_config": (ISIC2024_PATIENT_NUMERICAL, ISIC2024_PATIENT_CATEGORICAL)}
+    towers = {}
+    for key, given in (("lesion_metadata_config", lesion_metadata_config), ("patient_metadata_config", patient_metadata_config)):
+        if isinstance(given, SLIMPMetadataConfig):
+            towers[key] = given
+            continue
+        numerical, categorical = defaults[key]
+        fields = dict(given) if given is not None else {
+            "numerical_features": list(numerical), "categorical_features": {k: list(v) for k, v in categorical.items()}}
+        towers[key] = {**tower_sizes(model_size), **fields}
+    overrides.setdefault("projection_dim", _TOWERS[model_size][3])
+    return SLIMPConfig(vision_config=vision if vision is not None else vision_config(model_size, vision_model_type, image_size),
+                       **towers, **overrides)
+
+
 def schema_columns(schema: dict) -> list[str]:
     """`patient_id` and every model-input column of a dataset's `schema.json`."""
     return ["patient_id"] + [c for level in ("lesion", "patient") for kind in ("numerical", "categorical") for c in schema[level][kind]]
@@ -69,12 +114,9 @@ def build_slimp_config(schema: dict, train_split, model_size: str = "tiny", visi
         lesion_tower=tower_sizes(model_size), patient_tower=tower_sizes(model_size),
     )
     names = schema["label"]["names"]
-    return SLIMPConfig(
-        vision_config=vision if vision is not None else vision_config(model_size, vision_model_type, image_size),
-        lesion_metadata_config=lesion, patient_metadata_config=patient,
-        projection_dim=_TOWERS[model_size][3],
-        id2label=dict(enumerate(names)), **overrides,
-    )
+    return preset_config(model_size, vision_model_type, image_size, lesion, patient, vision=vision,
+                         id2label=dict(enumerate(names)), **overrides)
 
 
-__all__ = ["MODEL_SIZES", "VISION_MODEL_TYPES", "vision_config", "tower_sizes", "schema_columns", "build_slimp_config"]
+__all__ = ["MODEL_SIZES", "VISION_MODEL_TYPES", "vision_config", "tower_sizes", "preset_config", "schema_columns",
+           "build_slimp_config"]
