@@ -28,6 +28,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # a benchmark
 def test_speed_quick_runs_every_section_and_writes_ratios(tmp_path):
     output = tmp_path / "speed.json"
     process = run_bench("speed.py", "--profile", "--output", str(output))
@@ -73,6 +74,7 @@ def test_speed_quick_runs_every_section_and_writes_ratios(tmp_path):
     assert "SLIMP / backbone step time" in process.stderr and "| contender |" in process.stderr
 
 
+@pytest.mark.slow  # a benchmark
 def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp_path):
     output, work = tmp_path / "data.json", tmp_path / "work"
     process = run_bench("data.py", "--data_dir", str(work), "--output", str(output))
@@ -124,6 +126,7 @@ def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp
         assert table in process.stderr, table
 
 
+@pytest.mark.slow  # a benchmark
 def test_augmentation_parity_trains_the_old_and_the_new_image_path_and_compares_them(tmp_path):
     """bench/augmentation_parity.py on 24 patients, 2 steps: both runs train (the `before` one on the old PIL
     pixels, so its weights differ from `now`'s), both are evaluated, and the differences are now − before."""

@@ -128,6 +128,7 @@ def test_patient_folds_keep_patients_whole():
         assert not set(patients[train]) & set(patients[held_out])
 
 
+@pytest.mark.slow  # the whole calibration report, ~40 s
 def test_the_report_end_to_end_on_a_tiny_dataset():
     report = calibration.calibration_report(24, seed=0, image_size=32, folds=2, image_epochs=1,
                                             malignant_patient_share=0.7, lesions_per_patient_median=8)

@@ -112,7 +112,8 @@ def test_only_rank_zero_prints_an_argument_error(monkeypatch, capsys):
         assert capsys.readouterr().err == printed
 
 
-@pytest.mark.parametrize("launcher", [[sys.executable], [str(Path(sys.executable).parent / "accelerate"), "launch", "-q"]],
+@pytest.mark.parametrize("launcher", [[sys.executable], pytest.param([str(Path(sys.executable).parent / "accelerate"), "launch", "-q"],
+                                                                   marks=pytest.mark.slow)],  # a launcher and a subprocess
                          ids=["python", "accelerate launch -q"])
 def test_script_prints_one_error_line_and_no_traceback(launcher):
     process = subprocess.run([*launcher, "training/pretrain.py", "--dataset_dir", MISSING, "--lesion_loss_weight", "2"],

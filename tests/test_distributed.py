@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -74,6 +75,7 @@ def _single_process_reference(config: SLIMPConfig, state_dict: dict, batch: dict
     return {"out": out, "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
 
 
+@pytest.mark.slow  # two processes
 def test_two_process_loss_and_gradients_equal_single_process(tmp_path):
     config = tiny_config()
     batches = [make_batch(config, sizes, seed=10 + rank) for rank, sizes in enumerate(LESIONS_PER_PATIENT)]

@@ -326,6 +326,7 @@ def test_load_slimp_dataset_map_style_and_streaming(tmp_path):
         read_schema(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess that builds a dataset, ~10 s
 def test_cli_subprocess(tmp_path):
     metadata, store = write_isic2024(tmp_path, isic_rows(patients=3))
     command = [sys.executable, "-m", "training.prepare_data", "isic2024", "--metadata", metadata, "--images",

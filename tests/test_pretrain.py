@@ -99,6 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes
 def test_two_process_gloo_pretraining_equals_one_process_on_the_same_global_batches(dataset_dir, tmp_path, monkeypatch):
     args = ["--max_steps", "3", "--save_steps", "0", "--feature_dropout", "0", "--seed", "3"]
     two = tmp_path / "two_processes"

@@ -106,6 +106,7 @@ def test_the_top_15_is_highlighted_only_for_a_patient_with_more_than_15_lesions(
     assert 'id="legend"' in few and "log-odds" in few
 
 
+@pytest.mark.slow  # a browser
 def test_demo_in_a_headless_browser(synthetic, patient):  # noqa: F811
     """Upload, score, read back the ranking; a user error first shows a message, which the later success clears,
     and leaves no traceback in the log. Set SLIMP_DEMO_SCREENSHOT to keep the screenshot (the README's is made so)."""

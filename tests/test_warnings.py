@@ -79,6 +79,7 @@ def test_the_trainer_example_has_no_pin_memory_warning(synthetic, tmp_path):  # 
     assert lines_with(output, "pin_memory") == []
 
 
+@pytest.mark.slow  # two subprocess runs, ~12 s
 def test_export_and_extrapolation_say_each_thing_once(synthetic, tmp_path):  # noqa: F811
     output = run("-m", "training.export_widget", "--model_dir", synthetic.classifier_dir, "--output_dir", str(tmp_path / "widget"))
     assert len(lines_with(output, "images only")) == 1, output  # export_widget's own line, not also the model's
