@@ -44,6 +44,15 @@ def test_an_ambiguous_or_unknown_positive_class_is_refused(names, requested):
         positive_class(names, requested)
 
 
+def test_evaluate_refuses_an_ambiguous_binary_labelling_naming_its_option():
+    from training.arguments import ArgumentError
+    from training.evaluate import resolve_class
+
+    with pytest.raises(ArgumentError, match=r"--pauc_class: cannot tell the positive class .* \(--pauc_class type b"):
+        resolve_class(None, ["type a", "type b"])
+    assert resolve_class(None, ["melanoma", "nevus"]) == 0 and resolve_class("type b", ["type a", "type b"]) == 1
+
+
 def test_two_labels_are_ordered_other_then_positive():
     assert binary_label_order(["melanoma", "nevus", "melanoma"]) == ["nevus", "melanoma"]
     assert binary_label_order(["a", "b"], "a") == ["b", "a"]
