@@ -106,6 +106,7 @@ class QualityArguments:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50], metadata={"help": "k of the k-shot probes."})
     kshot_draws: int = field(default=1, metadata={"help": "k-shot draws (probe seeds) per checkpoint; seed s uses draws s*n .. s*n+n-1."})
     anchors: bool = field(default=True, metadata={"help": "Also the tabular rows (logistic regression / LightGBM on raw metadata) and the winners' stack of each variant (needs lightgbm)."})
+    representations: list[str] = field(default_factory=lambda: ["tower"], metadata={"help": f"Which features the probes read, any of {list(REPRESENTATIONS)} (tower outputs before the projections, or the projected embeddings; the tower validated better in every earlier run, and each one more doubles the probes' cost)."})
     ceiling: bool = field(default=True, metadata={"help": "Also the supervised image model: the same backbone trained with the labels, same steps and batch (training/finetune.py --mode full --classifier_features image from the untrained model)."})
     reuse_runs: bool = field(default=False, metadata={"help": "Reuse a run whose record in work_dir has the same arguments."})
     quick: bool = field(default=False, metadata={"help": "Smoke-test preset: 24 patients, 1 seed, 2 steps, 32 px."})
@@ -117,6 +118,8 @@ class QualityArguments:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"--variants must be a non-empty subset of {list(VARIANTS)}, got {self.variants}")
+        if not self.representations or set(self.representations) - set(REPRESENTATIONS):
+            raise ValueError(f"--representations must be a non-empty subset of {list(REPRESENTATIONS)}, got {self.representations}")
         if not self.seeds or self.kshot_draws < 1:
             raise ValueError("--seeds needs at least one seed and --kshot_draws at least 1")
         if self.curve_steps and (min(self.curve_steps) < 0 or len(set(self.curve_steps)) != len(self.curve_steps)):
@@ -206,7 +209,7 @@ def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], 
     features = {name: embed_split(model, split, collator) for name, split in splits.items()}
     metrics, skipped = {}, []
     image_probe_scores = {}
-    for representation in REPRESENTATIONS:
+    for representation in args.representations:
         results, curves = evaluate_features(features, "train", ["validation", "test"], label_names, draws, args.shots,
                                             C=list(PROBE_C_GRID), representation=representation)
         skipped = results["kshot_skipped"]
@@ -221,7 +224,7 @@ def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], 
             for k, by_metric in by_k.items():
                 for name, summary in by_metric.items():
                     metrics[f"{representation}/kshot/{feature_set}/{k}/{name}"] = summary["mean"]
-        if representation == REPRESENTATIONS[0]:
+        if representation == args.representations[0]:
             metrics.update({f"retrieval/{k}": v for k, v in results["retrieval"]["test"].items()})
     if tabular is not None:
         labels, patients = features["test"]["labels"], features["test"]["patient_ids"]
@@ -229,7 +232,7 @@ def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], 
             raise RuntimeError("the embedded test split is not in the dataset's row order: the stacks would mix lesions")
         recipe = tabular["recipe_scores"][draws[0]]
         train_labels, both = features["train"]["labels"], tabular["matrices"]["both"]
-        for representation in REPRESENTATIONS:
+        for representation in args.representations:
             image = {s: probe_inputs(features[s], "image", representation) for s in ("train", "test")}
             C, test_score = image_probe_scores[representation]
             # The ISIC 2024 winners' stack: the recipe (LightGBM) with the image model's score as one more input;
@@ -242,11 +245,6 @@ def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], 
             # ... the study's parameter-free stack: the recipe's score rank-averaged with the image probe's;
             for name, value in _scores(labels, rank_average(recipe, test_score), patients).items():
                 metrics[f"{representation}/rank_average/{name}"] = value
-            # ... and the recipe with the variant's image features among its inputs.
-            x = {s: np.concatenate([both[s], image[s]], axis=1) for s in ("train", "test")}
-            (score,) = fit_and_score("lightgbm", x["train"], train_labels, [x["test"]], seed=draws[0])
-            for name, value in _scores(labels, score, patients).items():
-                metrics[f"{representation}/recipe+image/{name}"] = value
     return metrics, {"kshot_skipped": skipped}
 
 
@@ -276,7 +274,7 @@ def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str, s
     train_argv = None if VARIANTS[variant][0] is None else pretrain_argv(args, variant, dataset_dir, run_dir / "model", seed)
     draws = [seed * args.kshot_draws + i for i in range(args.kshot_draws)]
     identity = {"variant": variant, "seed": seed, "pretrain_argv": train_argv, "curve_steps": args.curve_steps,
-                "shots": args.shots, "draws": draws, "anchors": args.anchors}
+                "shots": args.shots, "draws": draws, "anchors": args.anchors, "representations": args.representations}
     if args.reuse_runs and record_file.is_file():
         records = json.loads(record_file.read_text())
         if all(records[0].get(k) == v for k, v in identity.items()):

@@ -88,8 +88,10 @@ def choose_representation(aggregated: dict) -> dict:
     means = {}
     for representation in REPRESENTATIONS:
         values = [entry["metrics"][f"{representation}/probe/{CONTEXT}/auroc@validation"]["mean"]
-                  for steps in aggregated.values() for entry in steps.values()]
-        means[representation] = float(np.nanmean(values))
+                  for steps in aggregated.values() for entry in steps.values()
+                  if f"{representation}/probe/{CONTEXT}/auroc@validation" in entry["metrics"]]
+        if values:
+            means[representation] = float(np.nanmean(values))
     return {"chosen": max(means, key=means.get), "validation_context_auroc": means}
 
 
@@ -188,23 +190,17 @@ def render_markdown(result: dict) -> str:
                   for row, m in result["anchors"].items()]
         lines += ["", "The ISIC 2024 winners' recipe (LightGBM on raw + patient-relative metadata) with each variant's image "
                       f"({representation}): the **stack** (the variant's image-only probe score as one more input, out-of-fold on "
-                      "the training rows), the study's rank average of the two scores, and the recipe with the image features "
-                      "themselves as inputs:", "",
-                  "| variant | stack AUROC | stack pAUC | stack top-15 | rank average pAUC | recipe + image features AUROC | recipe + image features pAUC |",
-                  "|---|---|---|---|---|---|---|"]
+                      "the training rows) and the study's rank average of the two scores:", "",
+                  "| variant | stack AUROC | stack pAUC | stack top-15 | rank average AUROC | rank average pAUC |",
+                  "|---|---|---|---|---|---|"]
         for variant, steps in aggregated.items():
             m = steps[max(steps, key=int)]["metrics"]
             get = lambda name: m.get(f"{representation}/{name}")  # noqa: E731
             lines.append(f"| `{variant}` | {cell(get('stack/auroc'))} | {cell(get('stack/pauc_80tpr'), 4)} | "
-                         f"{cell(get('stack/top15_sensitivity'))} | {cell(get('rank_average/pauc_80tpr'), 4)} | "
-                         f"{cell(get('recipe+image/auroc'))} | {cell(get('recipe+image/pauc_80tpr'), 4)} |")
-    lines += ["", "## Representation: tower outputs vs projected embeddings (validation AUROC, final step)", "",
-              "| variant | " + " | ".join(f"{fs} tower / projection" for fs in FEATURE_SETS) + " |", "|---|" + "---|" * len(FEATURE_SETS)]
-    for variant, steps in aggregated.items():
-        m = steps[max(steps, key=int)]["metrics"]
-        lines.append(f"| `{variant}` | " + " | ".join(
-            f"{cell(m.get(f'tower/probe/{fs}/auroc@validation'))} / {cell(m.get(f'projection/probe/{fs}/auroc@validation'))}"
-            for fs in FEATURE_SETS) + " |")
+                         f"{cell(get('stack/top15_sensitivity'))} | {cell(get('rank_average/auroc'))} | "
+                         f"{cell(get('rank_average/pauc_80tpr'), 4)} |")
+    if len(result["representation"]["validation_context_auroc"]) > 1:
+        lines += _representation_table(aggregated)
     losses = [(v, s[max(s, key=int)]) for v, s in aggregated.items() if "patient_loss_last" in s[max(s, key=int)]]
     if losses:
         lines += ["", "Final training patient loss (mean of the last logged values) vs chance ln P: " + "; ".join(
@@ -222,6 +218,17 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"Command: `{result['command']}`  ", f"Total wall time: {duration(result['wall_s'])} "
               f"(load average at the start {result['environment']['load_average_1m']} on {result['environment']['cpu_count']} cores)."]
     return "\n".join(lines) + "\n"
+
+
+def _representation_table(aggregated: dict) -> list[str]:
+    lines = ["", "## Representation: tower outputs vs projected embeddings (validation AUROC, final step)", "",
+             "| variant | " + " | ".join(f"{fs} tower / projection" for fs in FEATURE_SETS) + " |", "|---|" + "---|" * len(FEATURE_SETS)]
+    for variant, steps in aggregated.items():
+        m = steps[max(steps, key=int)]["metrics"]
+        lines.append(f"| `{variant}` | " + " | ".join(
+            f"{cell(m.get(f'tower/probe/{fs}/auroc@validation'))} / {cell(m.get(f'projection/probe/{fs}/auroc@validation'))}"
+            for fs in FEATURE_SETS) + " |")
+    return lines
 
 
 def _main_table(aggregated: dict, representation: str) -> list[str]:
