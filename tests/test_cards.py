@@ -4,6 +4,7 @@ gets pushed holds no checkpoint, log, pickle or absolute local path (huggingface
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,9 @@ def test_lora_adapter_card(adapter, synthetic):  # noqa: F811
     meta = front_matter(adapter / "README.md")
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-classification"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "modeling_slimp.py").is_file()
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    card = (adapter / "README.md").read_text()
+    assert f'base_id = "{base}"' in card and PLACEHOLDERS[1] not in card  # the real base, not a placeholder
     out = run_blocks(adapter / "README.md", adapter, base=Path(synthetic.checkpoint_dir))
     assert "SLIMPForLesionClassification" in out
 

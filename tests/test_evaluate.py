@@ -165,3 +165,12 @@ def test_bad_arguments(tmp_path):
         evaluate.parse_args(base + ["--shots", "0"])
     with pytest.raises(ValueError, match="--pauc_class"):
         evaluate.resolve_class("melanoma", ["benign", "malignant"])
+
+
+def test_the_report_goes_beside_the_model_folder_by_default(tmp_path):
+    model = tmp_path / "outputs" / "slimp-synthetic"
+    model.mkdir(parents=True)
+    args = evaluate.EvaluateArguments(model_dir=str(model) + "/", dataset_dir="data/synthetic")
+    assert args.output_dir == str(tmp_path / "outputs" / "slimp-synthetic-eval")  # not inside the folder that is pushed
+    assert evaluate.EvaluateArguments(model_dir="your-org/slimp", dataset_dir="d").output_dir == "eval/your-org--slimp"
+    assert evaluate.EvaluateArguments(model_dir=str(model), dataset_dir="d", output_dir="mine").output_dir == "mine"

@@ -354,7 +354,7 @@ def build_loader(train_split, collator, data_args: DataArguments, args: TrainArg
 def validate(model: SLIMPModel, collator: SLIMPCollator, dataset, batch_size: int = 256) -> dict[str, float]:
     """The model's own contrastive losses (eval mode: per whole-patient batch, never gathered) and retrieval
     recall@k over the split, in one pass (`embed_split`). Called on the main process only."""
-    features = embed_split(model, dataset, collator, batch_size=batch_size, losses=True)
+    features = embed_split(model, dataset, collator, batch_size=batch_size, losses=True, desc="validation")
     model.train()
     metrics = {"lesion_loss": features["lesion_loss"], "patient_loss": features["patient_loss"], **retrieval_metrics(features)}
     return {f"val/{k}": v for k, v in metrics.items()}
