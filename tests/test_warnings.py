@@ -114,6 +114,8 @@ def test_pretrain_with_bf16_on_this_cpu_warns_once_and_saves_once(synthetic, tmp
     warned = lines_with(output, "--mixed_precision bf16 on a CPU")
     assert len(warned) == (0 if cpu_has_fast_bf16() else 1)
     assert len(lines_with(output, "saved SLIMPModel")) == 1  # the release, then the probe's card: one "saved"
+    assert "positive class **malignant**" in (tmp_path / "run" / "README.md").read_text()  # the probe says which class
+    assert len(lines_with(output, "linear probe: positive class: 'malignant'")) == 1
     weights = tmp_path / "run" / "model.safetensors"
     umask = os.umask(0)
     os.umask(umask)

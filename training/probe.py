@@ -72,10 +72,12 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float 
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
-                 C: float = 1.0, test_patient_ids: Sequence | None = None) -> dict[str, float]:
-    """Fit on train, score test: AUROC, ISIC 2024 pAUC, balanced accuracy (and top-15 with patient ids)."""
+                 C: float = 1.0, test_patient_ids: Sequence | None = None, positive_class: int = 1) -> dict[str, float]:
+    """Fit on train, score test: AUROC, ISIC 2024 pAUC, balanced accuracy (and top-15 with patient ids), the
+    ranking metrics for `positive_class`."""
     probe = fit_probe(train_x, train_y, seed=seed, C=C)
-    return probe_metrics(test_y, probe.predict_proba(test_x), probe.classes_, patient_ids=test_patient_ids)
+    return probe_metrics(test_y, probe.predict_proba(test_x), probe.classes_, positive_class=positive_class,
+                         patient_ids=test_patient_ids)
 
 
 def probe_metrics(test_y: np.ndarray, scores: np.ndarray, classes: Sequence[int], num_classes: int | None = None,

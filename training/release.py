@@ -24,6 +24,7 @@ import yaml
 from modeling_slimp import SLIMPModel
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
+from training.labels import LabelError, describe, positive_class
 from training.probe import DEFAULT_REPRESENTATION, linear_probe, probe_inputs
 from training.results import write_json
 from training.safety import write_marker
@@ -66,9 +67,18 @@ def public_value(value):
 
 def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
                  representation: str = DEFAULT_REPRESENTATION) -> dict:
-    """Linear probe (train split -> test split) of `model` and of an untrained model of the same config."""
-    train, _ = load_slimp_dataset(dataset_dir, "train")
+    """Linear probe (train split -> test split) of `model` and of an untrained model of the same config, for the
+    positive class of the label names (`training.labels`; class 1, said, when the names do not tell)."""
+    train, schema = load_slimp_dataset(dataset_dir, "train")
     test, _ = load_slimp_dataset(dataset_dir, "test")
+    names = list(schema["label"]["names"])
+    try:
+        positive = positive_class(names)
+        logger.info("linear probe: %s", describe(names, positive))
+    except LabelError:
+        positive = 1
+        logger.warning("linear probe: the labels %s do not tell which class is positive; its pAUC and top-15 rank class "
+                       "1 ('%s')", names, names[1])
     torch.manual_seed(seed)
     untrained = SLIMPModel(model.config).to(model.device)
     rows = {}
@@ -79,14 +89,14 @@ def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
             rows[f"{name} / {feature_set}"] = linear_probe(
                 probe_inputs(train_features, feature_set, representation), train_features["labels"],
                 probe_inputs(test_features, feature_set, representation), test_features["labels"], seed=seed,
-                test_patient_ids=test_features["patient_ids"])
+                test_patient_ids=test_features["patient_ids"], positive_class=positive)
     model.train()
     del untrained
     table = ("| model / features | AUROC | pAUC (TPR>80%) | top-15 sensitivity | balanced acc. |\n|---|---|---|---|---|\n"
              + "\n".join(f"| {name} | {m['auroc']:.3f} | {m['pauc_80tpr']:.4f} | {m['top15_sensitivity']:.3f} | "
                          f"{m['balanced_accuracy']:.3f} |" for name, m in rows.items()))
     return {"rows": rows, "table": table, "representation": representation, "train_lesions": len(train),
-            "test_lesions": len(test)}
+            "test_lesions": len(test), "positive_label": names[positive]}
 
 
 def _dataset_summary(dataset_dir: str) -> dict:
@@ -240,8 +250,10 @@ def _features(config) -> str:
 def _results_table(results: dict) -> str:
     lines = []
     if results.get("linear_probe"):
+        positive = results["linear_probe"].get("positive_label")
         lines += [f"Linear probe (logistic regression on frozen features ({results['linear_probe'].get('representation', 'tower')} "
-                  "representation), train split -> patient-disjoint test split):", "", results["linear_probe"]["table"], ""]
+                  "representation), train split -> patient-disjoint test split"
+                  + (f"; positive class **{positive}**" if positive else "") + "):", "", results["linear_probe"]["table"], ""]
     if results.get("classification"):
         if results.get("positive_label"):
             lines += [f"Positive class: **{results['positive_label']}** (`positive_label` in `config.json`): the class whose "
