@@ -54,6 +54,7 @@ def test_duplicates_are_recovered_exactly(tiny, tmp_path, monkeypatch, caplog):
     assert 0 < errors["age_approx"]["n"] <= patients < 45  # patient-level: scored once per patient with a known age
 
     downstream = result["downstream"]
+    assert "downstream probes: positive class: 'malignant' (class 1)" in " ".join(result["notes"])
     assert set(downstream) == {"image only", "image+metadata (true metadata)", "image+metadata (imputed metadata)",
                                "image+metadata (missing metadata)"}
     assert downstream["image+metadata (imputed metadata)"] == downstream["image+metadata (true metadata)"]

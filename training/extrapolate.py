@@ -51,6 +51,7 @@ from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa
 from training.data.collate import SLIMPCollator  # noqa: E402
 from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
+from training import labels as label_rules  # noqa: E402
 from training.probe import fit_probe, probe_inputs, probe_metrics  # noqa: E402
 from training.results import write_json  # noqa: E402
 
@@ -334,9 +335,10 @@ def _mean(values: np.ndarray) -> float:
 
 
 def downstream_probes(probe_train: dict[str, np.ndarray], target_variants: dict[str, dict[str, np.ndarray]],
-                      num_classes: int, seed: int = 0, C: float = 1.0) -> dict[str, dict[str, float]]:
+                      num_classes: int, seed: int = 0, C: float = 1.0, positive_class: int = 1) -> dict[str, dict[str, float]]:
     """Probes trained on the reference with true metadata, applied to each target variant
-    (`target_variants`: "true" / "imputed" / "missing" metadata -> extracted features)."""
+    (`target_variants`: "true" / "imputed" / "missing" metadata -> extracted features); pAUC and top-15 (and a
+    binary AUROC) rank `positive_class`."""
     rows = {}
     for feature_set in ("image", "image+metadata"):
         probe = fit_probe(probe_inputs(probe_train, feature_set), probe_train["labels"], seed=seed, C=C)
@@ -344,7 +346,7 @@ def downstream_probes(probe_train: dict[str, np.ndarray], target_variants: dict[
             f"image+metadata ({name} metadata)": features for name, features in target_variants.items()}
         for row, features in variants.items():
             scores = probe.predict_proba(probe_inputs(features, feature_set))
-            rows[row] = probe_metrics(features["labels"], scores, probe.classes_, num_classes)
+            rows[row] = probe_metrics(features["labels"], scores, probe.classes_, num_classes, positive_class)
     return rows
 
 
@@ -431,10 +433,16 @@ def downstream(args: ExtrapolateArguments, extract, cache: dict, target, hidden,
     if label_names != list(target.features["label"].names):
         notes.append(f"label names differ (reference {label_names}, target {target.features['label'].names}): no downstream probe")
         return None
+    try:
+        positive = label_rules.positive_class(label_names)
+    except label_rules.LabelError:
+        positive = 1
+        notes.append(f"the labels {label_names} do not tell which class is positive: the probes rank class 1 ('{label_names[1]}')")
+    notes.append(f"downstream probes: {label_rules.describe(label_names, positive)}")
     variants = {"true": extract(target)} if len(hidden.column_names) < len(target.column_names) else {}
     variants.update(imputed=extract(with_columns(hidden, imputed, features)), missing=missing)
     probe_features = cache[args.probe_split] if args.probe_split in cache else extract(probe_train)
-    return downstream_probes(probe_features, variants, len(label_names), args.seed, args.probe_C)
+    return downstream_probes(probe_features, variants, len(label_names), args.seed, args.probe_C, positive)
 
 
 def main(argv: list[str] | None = None) -> dict:
