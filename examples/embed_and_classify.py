@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor  # noqa: E402
 from modeling_slimp.schema_slimp import leaks_label  # noqa: E402
+from training.labels import LabelError, positive_class  # noqa: E402
 
 
 def synthetic_lesion(seed: int) -> tuple[Image.Image, dict]:
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     labels = classifier.config.id2label
     for name, probabilities in (("image + metadata", with_metadata), ("image only", image_only)):
         print(f"{name}: " + ", ".join(f"{labels[i]} {p:.3f}" for i, p in enumerate(probabilities.tolist())))
+    names = [labels[i] for i in range(len(labels))]
+    try:  # what training/finetune.py wrote in config.json, else the rule it applies to the label names
+        positive = getattr(classifier.config, "positive_label", None) or names[positive_class(names)]
+        print(f"positive class: {positive} (its probability is the malignancy score)")
+    except LabelError as error:
+        print(f"positive class: not named ({error})")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def test_embed_and_classify_prints_embeddings_and_both_predictions(synthetic, tm
         printed = printed_probabilities(stdout, prefix)
         assert list(printed) == ["benign", "malignant"]
         assert list(printed.values()) == pytest.approx(probabilities.tolist(), abs=1.5e-3), prefix
+    assert "positive class: malignant (its probability is the malignancy score)" in stdout
 
 
 def test_embed_without_a_classifier_uses_a_generated_lesion(synthetic):  # noqa: F811
