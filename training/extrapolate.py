@@ -439,6 +439,7 @@ def downstream(args: ExtrapolateArguments, extract, cache: dict, target, hidden,
         positive = 1
         notes.append(f"the labels {label_names} do not tell which class is positive: the probes rank class 1 ('{label_names[1]}')")
     notes.append(f"downstream probes: {label_rules.describe(label_names, positive)}")
+    logger.info(notes[-1])
     variants = {"true": extract(target)} if len(hidden.column_names) < len(target.column_names) else {}
     variants.update(imputed=extract(with_columns(hidden, imputed, features)), missing=missing)
     probe_features = cache[args.probe_split] if args.probe_split in cache else extract(probe_train)
