@@ -297,8 +297,10 @@ def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str, s
         metrics, notes = evaluate_checkpoint(model, processor, splits, label_names, args, draws, tabular)
         records.append({**identity, "step": step, "pretrain": pretrained, "metrics": metrics, **notes,
                         "wall_s": {"pretrain": pretrain_s, "evaluate": time.perf_counter() - begin}})
-        logger.info("%s seed %d step %d: context-probe AUROC tower %.3f / projection %.3f", variant, seed, step,
-                    metrics[f"tower/probe/{CONTEXT}/auroc@test"], metrics[f"projection/probe/{CONTEXT}/auroc@test"])
+        logger.info("%s seed %d step %d (%.0f s): test AUROC, image probe / context probe: %s", variant, seed, step,
+                    time.perf_counter() - begin, ", ".join(
+                        f"{r} {metrics[f'{r}/probe/image/auroc@test']:.3f} / {metrics[f'{r}/probe/{CONTEXT}/auroc@test']:.3f}"
+                        for r in args.representations))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(record_file, records)
     return records
