@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import REPO_ROOT, emit, environment, markdown_table  # noqa: E402
 
-ISIC2024_ROWS = 401059  # images of the real ISIC 2024 training set (SPEC section 4)
+ISIC2024_ROWS = 401059  # images of the real ISIC 2024 training set (SLICE-3D)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Continual pre-training (SPEC section 1): adapt a pre-trained SLIMP to a new dataset.
+"""Continual pre-training (the paper's, arXiv 2505.23709): adapt a pre-trained SLIMP to a new dataset.
 
 Only the encoders' embedding layers (the image tower's patch embedding / stem, the metadata feature
 tokenizers and [CLS] tokens), the projections, the patient pooling and the logit scales train; the

@@ -5,7 +5,7 @@
         --output_dir reports/ham10000 --seeds 0 1 2 3 4 --shots 1 5 10 50 --splits train validation test
     python training/evaluate.py configs/evaluate.yaml                  # a YAML/JSON config-file shortcut
 
-Protocol (SPEC section 5). The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
+Protocol. The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
 first is the probe's training split, each other one is evaluated) in one pass over whole patients
 (`training/embeddings.py`). Feature sets (`--feature_sets`, `training/probe.py`): `image`,
 `image+context` (plus how the lesion differs from the same patient's other lesions), `image+metadata`

@@ -1,4 +1,4 @@
-"""Metadata extrapolation: pseudo-metadata for image-only data from a reference bank (SPEC section 1).
+"""Metadata extrapolation: pseudo-metadata for image-only data from a reference bank (the paper's, arXiv 2505.23709).
 
     python training/extrapolate.py --model_dir outputs/slimp-synthetic --reference_dir data/synthetic \
         --target_dir data/other --target_split test --output_dir reports/extrapolation --k 5
