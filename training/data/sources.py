@@ -148,7 +148,7 @@ SYNTHETIC = dataclasses.replace(
     ISIC2024,
     name="synthetic",
     license="CC-BY-4.0",
-    description="Synthetic SLICE-3D-like lesions rendered by `training/data/synthetic.py` (ISIC 2024 columns).",
+    description="Synthetic SLICE-3D lesions rendered by `training/data/synthetic.py` (ISIC 2024 columns), calibrated to the published facts about the real train set.",
 )
 
 SOURCES = {spec.name: spec for spec in (ISIC2024, ISIC_ARCHIVE, HAM10000, PAD_UFES_20, SYNTHETIC)}
