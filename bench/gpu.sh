@@ -22,12 +22,12 @@ python bench/speed.py --model_size small --device cuda --dtype bfloat16 --lesion
 python - "$OUT" "$ROWS" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, "bench")
-import data as bench_data
+from bench.data import DataBenchArguments
+from bench.data_converter import subset_layout, synthetic_layout
 out, rows = Path(sys.argv[1]), int(sys.argv[2])
-args = bench_data.DataBenchArguments(images=min(rows, 20000), sizes=[rows, rows])
-layout = bench_data.synthetic_layout(args, out / "work")
-csv_path, hdf5_path = bench_data.subset_layout(layout, rows, out / "work" / f"rows-{rows}")
+args = DataBenchArguments(images=min(rows, 20000), sizes=[rows, rows])
+layout = synthetic_layout(args, out / "work")
+csv_path, hdf5_path = subset_layout(layout, rows, out / "work" / f"rows-{rows}")
 print(csv_path, hdf5_path)
 EOF
 python -m training.prepare_data isic2024 --metadata "$OUT/work/rows-$ROWS/train-metadata.csv" \

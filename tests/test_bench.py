@@ -75,7 +75,7 @@ def test_speed_quick_runs_every_section_and_writes_ratios(tmp_path):
 
 
 @pytest.mark.slow  # a benchmark
-def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp_path):
+def test_data_quick_converts_three_sizes_and_times_the_data_path(tmp_path):
     output, work = tmp_path / "data.json", tmp_path / "work"
     process = run_bench("data.py", "--data_dir", str(work), "--output", str(output))
     result = json.loads(output.read_text())
@@ -101,16 +101,15 @@ def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp
     assert isinstance(converter["flat_memory_target_met"], bool)
     assert runs[-1]["rows"] > result["arguments"]["images"]  # the largest size tiles the layout: every row written
 
-    encoding = result["metadata_encoding"]  # the bench itself asserts that before and now encode identically
+    encoding = result["metadata_encoding"]  # the bench itself asserts that the three ways encode identically
     for rows in result["arguments"]["encode_rows"]:
         rates = encoding[str(rows)]["rows_per_s"]
-        assert all(positive(rates[k]) for k in ("before", "now_encoded_once", "now_arrow_table", "now_row_dicts"))
-        assert positive(encoding[str(rows)]["speedup"])
+        assert all(positive(rates[k]) for k in ("now_encoded_once", "now_arrow_table", "now_row_dicts"))
+        assert positive(encoding[str(rows)]["encoded_once_over_row_dicts"])
     worker = result["worker"]
     for resolution in result["arguments"]["worker_resolutions"]:
         rates = worker[str(resolution)]["lesions_per_s"]
-        assert all(positive(rates[k]) for k in ("before", "now", "now_device_half_on_cpu"))
-    assert isinstance(worker["target_met"], bool) and isinstance(encoding["target_met"], bool)
+        assert all(positive(rates[k]) for k in ("now", "now_device_half_on_cpu"))
     release = result["release_step"]
     assert positive(release["flops_per_lesion"]) and positive(release["cpu_lesions_per_s"])
     gpu = release["gpu"]
@@ -124,26 +123,3 @@ def test_data_quick_converts_three_sizes_and_compares_old_and_new_data_paths(tmp
     assert list(work.iterdir()) == []  # everything it wrote is gone (no --keep)
     for table in ("| rows |", "Metadata encoding", "One loader worker", "Release architecture"):
         assert table in process.stderr, table
-
-
-@pytest.mark.slow  # a benchmark
-def test_augmentation_parity_trains_the_old_and_the_new_image_path_and_compares_them(tmp_path):
-    """bench/augmentation_parity.py on 24 patients, 2 steps: both runs train (the `before` one on the old PIL
-    pixels, so its weights differ from `now`'s), both are evaluated, and the differences are now − before."""
-    import torch
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(REPO))
-    from bench import augmentation_parity
-
-    result = augmentation_parity.main(["--work_dir", str(tmp_path), "--patients", "24", "--max_steps", "2",
-                                       "--output", str(tmp_path / "parity.json")])
-    assert json.loads((tmp_path / "parity.json").read_text())["now_minus_before"] == result["now_minus_before"]
-    before, now = result["runs"]["before"], result["runs"]["now"]
-    for key, difference in result["now_minus_before"].items():
-        assert math.isfinite(before[key]) and math.isfinite(now[key])
-        assert difference == pytest.approx(now[key] - before[key])
-    weights = {name: load_file(tmp_path / f"{name}-seed0" / "model.safetensors") for name in ("before", "now")}
-    image_tower = [key for key in weights["now"] if key.startswith("vision_model.")]
-    assert image_tower and any(not torch.equal(weights["before"][key], weights["now"][key]) for key in image_tower)
-

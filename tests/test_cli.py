@@ -71,7 +71,6 @@ BAD_ARGUMENTS = [
     (pretrain.main, ["--dataset_dir", MISSING, "--patient_aggregation", "max"], "--patient_aggregation must be one of"),
     (pretrain.main, ["--dataset_dir", MISSING, "--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
     (pretrain.main, ["--dataset_dir", MISSING, "--lesion_los_weight", "0.5"], "did you mean --lesion_loss_weight?"),
-    (pretrain.main, ["--dataset_dir", MISSING, "--streaming", "true", "--max_steps", "0"], "--streaming has no epoch length: give --max_steps"),
     (finetune.main, ["--dataset_dir", MISSING, "--model_dir", MISSING, "--output_dir", "x", "--mode", "probe"],
      "--mode must be one of"),
     (finetune.main, ["--dataset_dir", MISSING, "--model_dir", MISSING, "--output_dir", "x", "--push_to_hub", "true"],

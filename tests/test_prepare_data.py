@@ -309,17 +309,16 @@ def test_split_patients_is_disjoint_stratified_and_seeded():
     assert not split.equals(split_patients(table, 0.2, 0.2, seed=1))
 
 
-def test_load_slimp_dataset_map_style_and_streaming(tmp_path):
+def test_load_slimp_dataset(tmp_path):
     metadata, store = write_isic2024(tmp_path, isic_rows(patients=5))
     convert("isic2024", metadata, store, tmp_path / "out", "--test-fraction", "0.4", "--validation-fraction", "0")
     train, schema = load_slimp_dataset(tmp_path / "out", "train")
     assert schema["source"] == "isic2024" and isinstance(train, datasets.Dataset)
     assert train[0]["image"].size == (32, 32)
-    stream, _ = load_slimp_dataset(tmp_path / "out", "test", streaming=True, num_shards=2)
-    assert isinstance(stream, datasets.IterableDataset) and stream.num_shards == 2
-    assert len(list(stream)) == json.loads((tmp_path / "out" / "summary.json").read_text())["splits"]["test"]["lesions"]
-    empty, _ = load_slimp_dataset(tmp_path / "out", "validation", streaming=True)
-    assert list(empty) == []
+    for split in ("train", "test"):  # converted splits are patient-contiguous: one run of rows per patient
+        patients = load_slimp_dataset(tmp_path / "out", split)[0]["patient_id"]
+        runs = 1 + sum(a != b for a, b in zip(patients, patients[1:]))
+        assert runs == len(set(patients))
     with pytest.raises(KeyError, match="splits: test, train, validation"):
         load_slimp_dataset(tmp_path / "out", "dev")
     with pytest.raises(FileNotFoundError, match="schema.json"):

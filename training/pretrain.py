@@ -59,7 +59,6 @@ from training.data.augment import AUGMENTATIONS  # noqa: E402
 from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator  # noqa: E402
 from training.data.dataset import class_counts, column_list, load_slimp_dataset, split_fingerprint  # noqa: E402
 from training.data.sampler import PatientBatchSampler  # noqa: E402
-from training.data.streaming import StreamingPatientBatches  # noqa: E402
 from training.embeddings import embed_split  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16  # noqa: E402
@@ -86,14 +85,11 @@ class DataArguments:
     max_lesions_per_patient: int = field(default=8, metadata={"help": "K: most lesions of one patient in a batch."})
     include_malignant: bool = field(default=False, metadata={"help": "Label-aware batches that always hold a patient's malignant lesions (off: pre-training is label-free)."})
     num_workers: int = field(default=1, metadata={"help": "DataLoader workers per process (they decode and resize images)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the train split (datasets IterableDataset, shards split by process) instead of sampling it; needs --max_steps."})
-    stream_shards: int = field(default=16, metadata={"help": "Shards of the train stream (a multiple of the processes)."})
-    schema_rows: int = field(default=50_000, metadata={"help": "With --streaming: rows of the stream the metadata schema is fitted on."})
     augmentation: str = field(default="default", metadata={"help": f"Augmentation preset: one of {tuple(AUGMENTATIONS)} (training/data/augment.py)."})
     exclude_features: list[str] = field(default_factory=list, metadata={"help": "Metadata columns (fnmatch patterns, e.g. '*ext*') left out of the model's inputs."})
 
     def __post_init__(self):
-        for name in ("patients_per_batch", "max_lesions_per_patient", "synthetic_patients", "stream_shards", "schema_rows"):
+        for name in ("patients_per_batch", "max_lesions_per_patient", "synthetic_patients"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -185,10 +181,7 @@ class TrainArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
-    data_args, model_args, args = parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
-    if data_args.streaming and args.max_steps <= 0:
-        raise ArgumentError("--streaming has no epoch length: give --max_steps")
-    return data_args, model_args, args
+    return parse_dataclasses((DataArguments, ModelArguments, TrainArguments), argv)
 
 
 def check_outputs(data_args: DataArguments, model_args: ModelArguments, args: TrainArguments) -> None:
@@ -316,26 +309,12 @@ def build_processor(model: SLIMPModel, model_args: ModelArguments) -> SLIMPProce
     return SLIMPProcessor(ViTImageProcessorPil(size={"height": size, "width": size}, **normalisation), model.config)
 
 
-def schema_rows(train_split, schema: dict, data_args: DataArguments):
-    """What the metadata schema is fitted on: the train split, or the first rows of its stream."""
-    if not data_args.streaming:
-        return train_split
-    import pandas as pd
-
-    return pd.DataFrame(list(train_split.select_columns(schema_columns(schema)).take(data_args.schema_rows)))
-
-
 def build_loader(train_split, collator, data_args: DataArguments, args: TrainArguments, accelerator: Accelerator):
-    """(sampler, loader, batches per epoch or None) for the train split: patient-batch sampling of the
-    map-style split, or patient-grouped batches of its stream."""
+    """(sampler, loader, batches per epoch) for the train split: batches of whole patients (`PatientBatchSampler`)."""
     common = dict(patients_per_batch=data_args.patients_per_batch, max_lesions_per_patient=data_args.max_lesions_per_patient,
                   seed=args.seed)
     # Warn about absent schema columns here, once, not in every worker copy of the processor each epoch.
-    collator.processor.check_columns(train_split.column_names or list(train_split.features or {}))
-    if data_args.streaming:
-        batches = StreamingPatientBatches(train_split, collator, rank=accelerator.process_index,
-                                          world_size=accelerator.num_processes, **common)
-        return batches, DataLoader(batches, batch_size=None, num_workers=min(1, data_args.num_workers)), None
+    collator.processor.check_columns(train_split.column_names)
     sampler = PatientBatchSampler(column_list(train_split, "patient_id"), labels=column_list(train_split, "label") if data_args.include_malignant else None,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                   include_malignant=data_args.include_malignant, **common)
@@ -365,8 +344,7 @@ def batch_geometry(data_args: DataArguments, args: TrainArguments, accelerator: 
     it would repeat or skip batches (`checkpointing.check_geometry`)."""
     return {"patients_per_batch": data_args.patients_per_batch, "max_lesions_per_patient": data_args.max_lesions_per_patient,
             "processes": accelerator.num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "seed": args.seed, "include_malignant": data_args.include_malignant, "streaming": data_args.streaming,
-            "stream_shards": max(data_args.stream_shards, accelerator.num_processes) if data_args.streaming else None,
+            "seed": args.seed, "include_malignant": data_args.include_malignant,
             "train_data": split_fingerprint(data_args.dataset_dir, "train")}
 
 
@@ -413,17 +391,15 @@ def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainAr
     """The run itself (`main` holds the locks of its folders)."""
     set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
-    train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train", streaming=data_args.streaming,
-                                             num_shards=max(data_args.stream_shards, accelerator.num_processes))
+    train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train")
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
     if len(validation_split) == 0:
         logger.warning("%s has an empty validation split: validation is skipped (convert with more patients, or a "
                        "larger --validation-fraction)", data_args.dataset_dir, main_process_only=True)
         validation_split = None
     schema = model_schema(schema, data_args.exclude_features)
-    rows = schema_rows(train_split, schema, data_args)
-    check_train_patients(rows, data_args.dataset_dir)
-    model = build_model(model_args, schema, rows)
+    check_train_patients(train_split, data_args.dataset_dir)
+    model = build_model(model_args, schema, train_split)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     processor = build_processor(model, model_args)
@@ -455,7 +431,7 @@ def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainAr
     warned = warn_without_negatives(data_args, model_args, accelerator)
 
     logger.info("%s lesions, %s batches/epoch/process, %d steps, %d processes",
-                "streamed" if data_args.streaming else len(train_split), batches_per_epoch or "endless", max_steps,
+                len(train_split), batches_per_epoch, max_steps,
                 accelerator.num_processes, main_process_only=True)
     history = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args, state,
                          max_steps, validation_split, eval_collator, warned_without_negatives=warned)
@@ -504,9 +480,8 @@ def train_loop(model, optimizer, scheduler, loader, sampler, transform: BatchTra
     nonfinite, lesions_seen, window_start = 0, 0, time.perf_counter()
     model.train()
     while state["global_step"] < stop_at:
-        if hasattr(sampler, "set_epoch"):  # a stream advances its epochs itself
-            sampler.set_epoch(state["epoch"])
-            loader.collate_fn.set_epoch(state["epoch"])
+        sampler.set_epoch(state["epoch"])
+        loader.collate_fn.set_epoch(state["epoch"])
         sampler.set_start_batch(state["batches_in_epoch"])
         for batch in loader:
             batch = transform(batch, accelerator.device)  # augmentation and normalisation on the device

@@ -2,7 +2,6 @@
 
     from training.data.dataset import load_slimp_dataset, read_schema
     train, schema = load_slimp_dataset("data/isic2024", "train")                 # datasets.Dataset
-    stream, schema = load_slimp_dataset("data/isic2024", "train", streaming=True)  # IterableDataset
     schema["lesion"]["numerical"]  # the lesion-level numerical model inputs
 
 A path that is not a local folder is read as a Hub dataset repo id (`push_to_hub` of the converter).
@@ -41,12 +40,8 @@ def read_schema(path: Union[str, os.PathLike]) -> dict:
     return json.loads(Path(schema_file).read_text())
 
 
-def load_slimp_dataset(path: Union[str, os.PathLike], split: str = "train", streaming: bool = False,
-                       num_shards: Optional[int] = None
-                       ) -> tuple[Union[datasets.Dataset, datasets.IterableDataset], dict]:
-    """One split and the schema. `streaming=True` gives an `IterableDataset` in `num_shards` shards
-    (default: one per Arrow file), which processes and `DataLoader` workers share; the shards of a
-    patient-contiguous split are cut at patient boundaries, so no patient spans two shards."""
+def load_slimp_dataset(path: Union[str, os.PathLike], split: str = "train") -> tuple[datasets.Dataset, dict]:
+    """One split (memory-mapped Arrow: nothing is read into memory until used) and the schema."""
     schema = read_schema(path)
     if Path(path).is_dir():
         split_dir = Path(path) / split
@@ -56,41 +51,7 @@ def load_slimp_dataset(path: Union[str, os.PathLike], split: str = "train", stre
         dataset = datasets.Dataset.load_from_disk(str(split_dir))
     else:
         dataset = datasets.load_dataset(str(path), split=split)
-    if streaming:
-        shards = min(num_shards or max(1, len(dataset.cache_files)), len(dataset))  # 0 for an empty split
-        dataset = _patient_sharded_stream(dataset, shards, schema.get("patient_column", "patient_id"))
     return dataset, schema
-
-
-def patient_shard_ranges(patient_ids: list, num_shards: int) -> list[tuple[int, int]]:
-    """Up to `num_shards` contiguous row ranges of about equal size, cut where the patient changes
-    (fewer only when there are fewer patients than shards)."""
-    if num_shards <= 0 or not patient_ids:
-        return []
-    starts = [i for i in range(1, len(patient_ids)) if patient_ids[i] != patient_ids[i - 1]]
-    cuts: list[int] = []
-    for k in range(1, num_shards):
-        target = k * len(patient_ids) / num_shards
-        later = [start for start in starts if start > (cuts[-1] if cuts else 0) and start >= target]
-        earlier = [start for start in starts if start > (cuts[-1] if cuts else 0)]
-        if not earlier:
-            break
-        cuts.append(later[0] if later else earlier[-1])
-    bounds = [0, *cuts, len(patient_ids)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _patient_sharded_stream(dataset: datasets.Dataset, num_shards: int, patient_column: str) -> datasets.IterableDataset:
-    # Rows are read undecoded and the image column decoded by the stream, as `to_iterable_dataset` does.
-    raw = dataset.cast_column("image", datasets.Image(decode=False))
-    ranges = patient_shard_ranges(dataset[patient_column], num_shards) if num_shards else []
-
-    def rows(ranges: list[tuple[int, int]]):
-        for start, end in ranges:
-            yield from raw.select(range(start, end))
-
-    stream = datasets.IterableDataset.from_generator(rows, features=raw.features, gen_kwargs={"ranges": ranges})
-    return stream.cast_column("image", datasets.Image())
 
 
 def class_counts(dataset, label_names: list[str]) -> dict[str, int]:

@@ -20,10 +20,8 @@ How an epoch is built (all numpy, a function of ``(seed, epoch)`` only, identica
    floor(T / B) or ceil(T / B) <= P patients.
 4. **Order.** Batches are shuffled; full batches come first, the partial batch last.
 
-Distributed: every rank returns the same number of batches. With ``drop_last=False`` a rank with
-fewer batches repeats its own first batches (cycling) at the end of the epoch, so a few lesions are
-seen twice on that rank; with ``drop_last=True`` batches with fewer than P patients are dropped and
-every rank is truncated to the smallest count.
+Distributed: every rank returns the same number of batches: a rank with fewer batches repeats its own
+first batches (cycling) at the end of the epoch, so a few lesions are seen twice on that rank.
 
 Label-aware mode (``include_malignant=True``, off by default, logged as a warning): every chunk of a
 patient with positive lesions holds all of that patient's positives, and the negatives are chunked
@@ -112,14 +110,6 @@ def _grid_columns(num_chunks: int, max_chunks: int, patients_per_batch: int) -> 
     return np.array([num_rows] * full + ([rest] if rest else []), dtype=np.int64)
 
 
-def _batch_sizes(num_chunks: int, max_chunks: int, patients_per_batch: int) -> np.ndarray:
-    """(B,) number of patients in each row of the grid of `_grid_columns`."""
-    lengths = _grid_columns(num_chunks, max_chunks, patients_per_batch)
-    if len(lengths) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return (lengths[None, :] > np.arange(lengths[0])[:, None]).sum(axis=1)
-
-
 class PatientBatchSampler(Sampler[list[int]]):
     """Batches of P distinct patients x up to K lesions, covering every lesion once per epoch.
 
@@ -131,11 +121,8 @@ class PatientBatchSampler(Sampler[list[int]]):
         seed: base seed; the order of an epoch is a function of ``(seed, epoch)``.
         num_replicas: number of processes; defaults to the torch.distributed world size, else 1.
         rank: this process's rank; defaults to the torch.distributed rank, else 0.
-        drop_last: drop batches with fewer than P patients (and truncate ranks to the smallest
-            count) instead of keeping them (and padding ranks by repeating batches).
         include_malignant: label-aware mode, see the module docstring. Off by default.
         positive_labels: labels that count as positive for ``include_malignant``.
-        skip_batches: batches of the first iterated epoch to skip (see `set_start_batch`).
     """
 
     def __init__(
@@ -147,10 +134,8 @@ class PatientBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
-        drop_last: bool = False,
         include_malignant: bool = False,
         positive_labels: Sequence[int] = (1,),
-        skip_batches: int = 0,
     ) -> None:
         if patients_per_batch < 1:
             raise ValueError(f"patients_per_batch must be >= 1, got {patients_per_batch}")
@@ -175,11 +160,10 @@ class PatientBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.drop_last = drop_last
         self.include_malignant = include_malignant
         self.is_positive = self._positives(labels, positive_labels) if include_malignant else None
         self.epoch = 0
-        self.start_batch = skip_batches
+        self.start_batch = 0
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, rows, offsets)
 
     def _positives(self, labels: Sequence[int] | None, positive_labels: Sequence[int]) -> np.ndarray:
@@ -270,21 +254,19 @@ class PatientBatchSampler(Sampler[list[int]]):
         num_batches = self._num_batches_per_rank(chunks.patient_chunks, patient_rank)
         rank_rng = self._rng(epoch, 2 + self.rank)
         rows, offsets = self._rank_batches(chunks, patient_rank == self.rank, rank_rng)
-        target = num_batches.min() if self.drop_last else num_batches.max()
         own = len(offsets) - 1
-        order = np.arange(target) % max(own, 1)  # truncate, or pad by cycling from the start
+        order = np.arange(num_batches.max()) % max(own, 1)  # pad by cycling from the start
         starts, sizes = offsets[order], np.diff(offsets)[order]
         take = np.repeat(starts, sizes) + _within(sizes)
         return rows[take], np.concatenate([[0], np.cumsum(sizes)])
 
     def _num_batches_per_rank(self, patient_chunks: np.ndarray, patient_rank: np.ndarray) -> np.ndarray:
-        """(R,) number of batches each rank keeps before equalisation."""
+        """(R,) number of batches each rank has before equalisation."""
         counts = []
         for r in range(self.num_replicas):
             mine = patient_chunks[patient_rank == r]
-            sizes = _batch_sizes(int(mine.sum()), int(mine.max()), self.patients_per_batch)
-            full = int((sizes == self.patients_per_batch).sum())
-            counts.append(full if self.drop_last else len(sizes))
+            lengths = _grid_columns(int(mine.sum()), int(mine.max()), self.patients_per_batch)
+            counts.append(int(lengths[0]) if len(lengths) else 0)  # the first column is the longest: B rows
         return np.array(counts)
 
     def _rank_batches(
@@ -294,7 +276,7 @@ class PatientBatchSampler(Sampler[list[int]]):
 
         Returns:
             rows: (E_r,) dataset rows, batch by batch, grouped by patient inside a batch.
-            offsets: (B_r + 1,) start of each batch in `rows`; with drop_last, only full batches.
+            offsets: (B_r + 1,) start of each batch in `rows`.
         """
         patients = np.flatnonzero(patient_mask)
         patients = patients[rng.permutation(len(patients))]
@@ -315,10 +297,7 @@ class PatientBatchSampler(Sampler[list[int]]):
         chunk_batch[grid_chunks], chunk_slot[grid_chunks] = batch_of_row[row], column
         entry_batch = chunk_batch[chunks.chunk]
         keep = entry_batch >= 0
-        if self.drop_last:
-            keep &= (sizes[batch_order] == self.patients_per_batch)[np.maximum(entry_batch, 0)]
         order = np.flatnonzero(keep)
         order = order[np.lexsort((chunk_slot[chunks.chunk[order]], entry_batch[order]))]
         counts = np.bincount(entry_batch[order], minlength=len(sizes))
-        counts = counts[counts > 0] if self.drop_last else counts
         return chunks.rows[order], np.concatenate([[0], np.cumsum(counts)])
