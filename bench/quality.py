@@ -65,18 +65,17 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import environment  # noqa: E402
-from training.evaluate import PROBE_C_GRID, evaluate_features, summarise  # noqa: E402
-from training.metrics import classification_metrics  # noqa: E402
-from training.probe import probe_inputs  # noqa: E402
-from bench.quality_report import (  # noqa: E402
+from bench._common import environment
+from training.evaluate import PROBE_C_GRID, evaluate_features, summarise
+from training.metrics import classification_metrics
+from training.probe import probe_inputs
+from bench.quality_report import (
     CEILING, CONTEXT, DEFAULT_VARIANTS, REPRESENTATIONS, SPLITS, VARIANTS, aggregate, best_configuration,
     choose_representation, paired_differences, plot, render_markdown, targets)
-from training.data.calibration import rank_average  # noqa: E402
-from training.results import write_json  # noqa: E402
-from training.tabular import fit_and_score  # noqa: E402
+from training.data.calibration import rank_average
+from training.results import write_json
+from training.tabular import fit_and_score
 
 logger = logging.getLogger("bench.quality")
 

@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     alternate,
     emit,
     environment,
@@ -56,11 +55,11 @@ from bench._common import (  # noqa: E402
     run_json_subprocess,
     summary,
 )
-from modeling_slimp import SLIMPConfig, SLIMPModel  # noqa: E402
-from modeling_slimp.losses import clamped_logit_scale, symmetric_infonce  # noqa: E402
-from modeling_slimp.modeling_slimp import pooled_image_feature, uses_cls_token, vision_feature_size  # noqa: E402
-from training.presets import build_slimp_config  # noqa: E402
-from training.data.sources import ISIC2024  # noqa: E402
+from modeling_slimp import SLIMPConfig, SLIMPModel
+from modeling_slimp.losses import clamped_logit_scale, symmetric_infonce
+from modeling_slimp.modeling_slimp import pooled_image_feature, uses_cls_token, vision_feature_size
+from training.presets import build_slimp_config
+from training.data.sources import ISIC2024
 
 SECTIONS = ("train", "inference", "memory", "scaling", "profile")
 TRAIN_CONTENDERS = ("slimp", "backbone")

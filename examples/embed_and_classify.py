@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor  # noqa: E402
-from modeling_slimp.schema_slimp import leaks_label  # noqa: E402
-from training.labels import LabelError, positive_class  # noqa: E402
+from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
+from modeling_slimp.schema_slimp import leaks_label
+from training.labels import LabelError, positive_class
 
 
 def synthetic_lesion(seed: int) -> tuple[Image.Image, dict]:

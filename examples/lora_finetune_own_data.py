@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import datasets
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modeling_slimp import SLIMPConfig  # noqa: E402
-from training import finetune  # noqa: E402
-from training.data.convert import split_patients  # noqa: E402
-from training.labels import LabelError, binary_label_order, describe, positive_class  # noqa: E402
+from modeling_slimp import SLIMPConfig
+from training import finetune
+from training.data.convert import split_patients
+from training.labels import LabelError, binary_label_order, describe, positive_class
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -18,17 +18,14 @@ above the index's mean the hit lies, which is what says whether a neighbour is c
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.data.collate import SLIMPCollator  # noqa: E402
-from training.data.dataset import load_slimp_dataset  # noqa: E402
-from training.embeddings import embed_split  # noqa: E402
+from modeling_slimp import SLIMPModel, SLIMPProcessor
+from training.data.collate import SLIMPCollator
+from training.data.dataset import load_slimp_dataset
+from training.embeddings import embed_split
 
 
 def lesion_vectors(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

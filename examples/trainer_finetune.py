@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import Trainer, TrainingArguments, pipeline  # noqa: E402
+import datasets
+import torch
+from transformers import Trainer, TrainingArguments, pipeline
 
-import modeling_slimp  # noqa: E402, F401  (registers the SLIMP classes with the Auto* factories)
-from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
-from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION  # noqa: E402
+import modeling_slimp  # noqa: F401  (registers the SLIMP classes with the Auto* factories)
+from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION
 
 
 def main(argv: list[str] | None = None) -> None:

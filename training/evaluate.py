@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,18 +38,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # `python training/evaluate.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
-from training.data.collate import SLIMPCollator  # noqa: E402
-from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
-from training.embeddings import REPRESENTATIONS, embed_split  # noqa: E402
-from training import labels as label_rules  # noqa: E402
-from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics  # noqa: E402
-from training.release import is_hub_id  # noqa: E402
-from training.results import write_json  # noqa: E402
+from modeling_slimp import SLIMPModel, SLIMPProcessor
+from training.arguments import ArgumentError, parse_dataclasses, run_cli
+from training.data.collate import SLIMPCollator
+from training.data.dataset import column_list, load_slimp_dataset
+from training.embeddings import REPRESENTATIONS, embed_split
+from training import labels as label_rules
+from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics
+from training.release import is_hub_id
+from training.results import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -35,25 +35,22 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # `python training/extrapolate.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor  # noqa: E402
-from modeling_slimp.schema_slimp import as_category, parse_number  # noqa: E402
-from training.arguments import ArgumentError, parse_dataclasses, run_cli  # noqa: E402
-from training.data.collate import SLIMPCollator  # noqa: E402
-from training.data.dataset import column_list, load_slimp_dataset  # noqa: E402
-from training.embeddings import embed_split  # noqa: E402
-from training import labels as label_rules  # noqa: E402
-from training.probe import fit_probe, probe_inputs, probe_metrics  # noqa: E402
-from training.results import write_json  # noqa: E402
+from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor
+from modeling_slimp.schema_slimp import as_category, parse_number
+from training.arguments import ArgumentError, parse_dataclasses, run_cli
+from training.data.collate import SLIMPCollator
+from training.data.dataset import column_list, load_slimp_dataset
+from training.embeddings import embed_split
+from training import labels as label_rules
+from training.probe import fit_probe, probe_inputs, probe_metrics
+from training.results import write_json
 
 logger = logging.getLogger(__name__)
 

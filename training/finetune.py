@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,26 +54,24 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-if __package__ in (None, ""):  # `python training/finetune.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor  # noqa: E402
-from modeling_slimp.configuration_slimp import (  # noqa: E402
+from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp.configuration_slimp import (
     CLASSIFIER_FEATURES,
     CLASSIFIER_REPRESENTATIONS,
     DEFAULT_CLASSIFIER_FEATURES,
 )
-from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli  # noqa: E402
-from training.checkpointing import CheckpointError, damaged_files, write_manifest  # noqa: E402
-from training.data.collate import BatchTransform, SLIMPCollator  # noqa: E402
-from training.data.dataset import class_counts, column_list, load_slimp_dataset  # noqa: E402
-from training.embeddings import predict_images_only, predict_split  # noqa: E402
-from training.labels import LabelError, describe, positive_class  # noqa: E402
-from training.metrics import classification_metrics  # noqa: E402
-from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16  # noqa: E402
-from training.probe import DEFAULT_REPRESENTATION, fit_probe  # noqa: E402
-from training.release import IMAGES_ONLY_SPLIT, RELEASE_FILES, is_hub_id, public_value, push_release, save_release  # noqa: E402
-from training.safety import check_apart, check_writable_release, locked  # noqa: E402
+from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
+from training.checkpointing import CheckpointError, damaged_files, write_manifest
+from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.dataset import class_counts, column_list, load_slimp_dataset
+from training.embeddings import predict_images_only, predict_split
+from training.labels import LabelError, describe, positive_class
+from training.metrics import classification_metrics
+from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16
+from training.probe import DEFAULT_REPRESENTATION, fit_probe
+from training.release import IMAGES_ONLY_SPLIT, RELEASE_FILES, is_hub_id, public_value, push_release, save_release
+from training.safety import check_apart, check_writable_release, locked
 
 logger = logging.getLogger(__name__)
 

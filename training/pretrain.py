@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,26 +45,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, ViTImageProcessorPil, get_cosine_schedule_with_warmup
 
-if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_slimp import SLIMPModel, SLIMPProcessor  # noqa: E402
-from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS  # noqa: E402
-from modeling_slimp.schema_slimp import MIN_PATIENTS_PER_VALUE  # noqa: E402
-from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli  # noqa: E402
-from training.checkpointing import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.continual import freeze_for_continual, replace_metadata_schema  # noqa: E402
-from training.data.augment import AUGMENTATIONS  # noqa: E402
-from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator  # noqa: E402
-from training.data.dataset import class_counts, column_list, load_slimp_dataset, split_fingerprint  # noqa: E402
-from training.data.sampler import PatientBatchSampler  # noqa: E402
-from training.embeddings import embed_split  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16  # noqa: E402
-from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns  # noqa: E402
-from training.probe import retrieval_metrics  # noqa: E402
-from training.release import RELEASE_FILES, probe_report, save_release  # noqa: E402
-from training.safety import check_apart, check_writable_release, locked  # noqa: E402
+from modeling_slimp import SLIMPModel, SLIMPProcessor
+from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS
+from modeling_slimp.schema_slimp import MIN_PATIENTS_PER_VALUE
+from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
+from training.checkpointing import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from training.continual import freeze_for_continual, replace_metadata_schema
+from training.data.augment import AUGMENTATIONS
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator
+from training.data.dataset import class_counts, column_list, load_slimp_dataset, split_fingerprint
+from training.data.sampler import PatientBatchSampler
+from training.embeddings import embed_split
+from training.optim import build_optimizer
+from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16
+from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns
+from training.probe import retrieval_metrics
+from training.release import RELEASE_FILES, probe_report, save_release
+from training.safety import check_apart, check_writable_release, locked
 
 logger = get_logger(__name__)
 
