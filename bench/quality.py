@@ -67,9 +67,8 @@ from transformers import HfArgumentParser
 
 
 from bench._common import environment
-from training.evaluate import PROBE_C_GRID, evaluate_features, summarise
-from training.metrics import classification_metrics
-from training.probe import probe_inputs
+from training.metrics import probability_metrics
+from training.probe import PROBE_C_GRID, evaluate_features, probe_inputs, summarise
 from bench.quality_report import (
     CEILING, CONTEXT, DEFAULT_VARIANTS, REPRESENTATIONS, SPLITS, VARIANTS, aggregate, best_configuration,
     choose_representation, paired_differences, plot, render_markdown, targets)
@@ -260,8 +259,8 @@ def cross_fitted_scores(x: np.ndarray, labels: np.ndarray, patients, C: float, s
 
 
 def _scores(labels: np.ndarray, score: np.ndarray, patient_ids) -> dict[str, float]:
-    logits = np.stack([np.zeros_like(score), np.log(np.clip(score, 1e-12, 1)) - np.log(np.clip(1 - score, 1e-12, 1))], 1)
-    return classification_metrics(labels, logits, patient_ids=patient_ids)
+    """The metric bundle of positive-class probabilities `score` (N,)."""
+    return probability_metrics(labels, np.stack([1 - score, score], 1), [0, 1], patient_ids=patient_ids)
 
 
 def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str, splits: dict, tabular: dict | None) -> list[dict]:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluate import summarise
-from training.probe import FEATURE_SETS
+from training.probe import FEATURE_SETS, summarise
 
 # The colour of the skin around the lesion (L*, a*, b*, chroma, hue and the std of L*): the image shows it too,
 # so aligning images with these columns can teach the image tower skin colour instead of the lesion.

@@ -10,6 +10,7 @@ import pytest
 
 from tests._eval_fixtures import relabelled_dataset, tiny_data_and_checkpoint
 from training import evaluate
+from training import probe as protocol
 from training.probe import FEATURE_SETS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,7 +109,7 @@ def test_evaluate_features_sanity():
                 "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
 
     features = {"train": split(200), "test": split(100)}
-    results, curves = evaluate.evaluate_features(features, "train", ["test"], ["benign", "malignant"], seeds=[0, 1, 2],
+    results, curves = protocol.evaluate_features(features, "train", ["test"], ["benign", "malignant"], seeds=[0, 1, 2],
                                                  shots=[1, 10, 1000], representation="projection")
     retrieval = results["retrieval"]["test"]
     assert retrieval["image_to_metadata_recall@1"] > 0.9 > 10 * retrieval["chance_recall@1"]
@@ -132,7 +133,7 @@ def test_evaluate_features_multiclass():
                 "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
 
     features = {"train": split(300), "test": split(150)}
-    results, curves = evaluate.evaluate_features(features, "train", ["test"], ["a", "b", "c"], seeds=[0], shots=[20],
+    results, curves = protocol.evaluate_features(features, "train", ["test"], ["a", "b", "c"], seeds=[0], shots=[20],
                                                  positive_class=2, representation="projection")
     probe = results["linear_probe"]["test"]["image"]
     assert probe["auroc"]["mean"] > 0.9 and probe["balanced_accuracy"]["mean"] > 0.7
@@ -143,18 +144,18 @@ def test_evaluate_features_multiclass():
 
 def test_kshot_indices_and_summary():
     labels = np.array([0] * 20 + [1] * 5 + [2] * 7)
-    rows = evaluate.kshot_indices(labels, 4, seed=3)
+    rows = protocol.kshot_indices(labels, 4, seed=3)
     assert len(rows) == 12 and len(set(rows.tolist())) == 12
     assert np.bincount(labels[rows]).tolist() == [4, 4, 4]
-    assert np.array_equal(rows, evaluate.kshot_indices(labels, 4, seed=3))
-    assert not np.array_equal(rows, evaluate.kshot_indices(labels, 4, seed=4))
-    kept, skipped = evaluate.feasible_shots(labels, [1, 5, 6], ["a", "b", "c"])
+    assert np.array_equal(rows, protocol.kshot_indices(labels, 4, seed=3))
+    assert not np.array_equal(rows, protocol.kshot_indices(labels, 4, seed=4))
+    kept, skipped = protocol.feasible_shots(labels, [1, 5, 6], ["a", "b", "c"])
     assert kept == [1, 5] and skipped[0]["k"] == 6 and "'b'" in skipped[0]["reason"]
 
-    summary = evaluate.summarise([0.5, float("nan"), 0.7])
+    summary = protocol.summarise([0.5, float("nan"), 0.7])
     assert summary["n"] == 2 and summary["mean"] == pytest.approx(0.6) and summary["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert evaluate.summarise([0.4])["std"] == 0.0
-    assert evaluate.summarise([float("nan")])["n"] == 0
+    assert protocol.summarise([0.4])["std"] == 0.0
+    assert protocol.summarise([float("nan")])["n"] == 0
 
 
 def test_bad_arguments(tmp_path):

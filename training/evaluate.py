@@ -5,7 +5,7 @@
         --output_dir reports/ham10000 --seeds 0 1 2 3 4 --shots 1 5 10 50 --splits train validation test
     python training/evaluate.py configs/evaluate.yaml                  # a YAML/JSON config-file shortcut
 
-Protocol. The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
+Protocol (`training/probe.py`, the one behind every probe table). The frozen SLIMPModel embeds every lesion of each split (`--splits`: the
 first is the probe's training split, each other one is evaluated) in one pass over whole patients
 (`training/embeddings.py`). Feature sets (`--feature_sets`, `training/probe.py`): `image`,
 `image+context` (plus how the lesion differs from the same patient's other lesions), `image+metadata`
@@ -30,13 +30,11 @@ feature extraction and the probe fits.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
@@ -45,15 +43,11 @@ from training.data.collate import SLIMPCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import REPRESENTATIONS, embed_split
 from training import labels as label_rules
-from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, fit_probe, probe_inputs, probe_metrics, retrieval_metrics
+from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, METRICS, PROBE_C_GRID, RETRIEVAL_KS, evaluate_features
 from training.release import is_hub_id
 from training.results import write_json
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("auroc", "pauc_80tpr", "top15_sensitivity", "balanced_accuracy")
-PROBE_C_GRID = (0.01, 0.1, 1.0)
-RETRIEVAL_KS = (1, 5, 10)
 
 
 @dataclass
@@ -96,123 +90,6 @@ class EvaluateArguments:
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
     (args,) = parse_dataclasses((EvaluateArguments,), argv)
     return args
-
-
-# ----- protocol (pure functions of the extracted features) -----
-
-def summarise(values: list[float]) -> dict:
-    """Mean ± sample std (ddof 1; 0 for one value) over the finite values; `n` counts them."""
-    finite = [v for v in values if math.isfinite(v)]
-    mean = float(np.mean(finite)) if finite else float("nan")
-    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else (0.0 if finite else float("nan"))
-    return {"mean": mean, "std": std, "n": len(finite), "values": [float(v) for v in values]}
-
-
-def kshot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Row indices of k lesions of each class present in `labels`, drawn without replacement."""
-    rng = np.random.default_rng([seed, k])
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c in np.unique(labels)])
-
-
-def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str]) -> tuple[list[int], list[dict]]:
-    """The k that the training split can supply for every class, and a note for each skipped one."""
-    classes, counts = np.unique(labels, return_counts=True)
-    rarest = int(counts.argmin())
-    kept, skipped = [], []
-    for k in sorted(set(shots)):
-        if k <= counts[rarest]:
-            kept.append(k)
-        else:
-            skipped.append({"k": k, "reason": f"class '{label_names[classes[rarest]]}' has only {counts[rarest]} "
-                                              f"training lesions (k-shot needs k per class)"})
-    return kept, skipped
-
-
-def select_C(train_x: np.ndarray, train_y: np.ndarray, select_x: np.ndarray, select_y: np.ndarray, grid: list[float],
-             seed: int = 0, positive_class: int = 1, progress=None) -> tuple[float, object | None]:
-    """(C, probe): the L2 strength of the probe with the best AUROC on the selection split (the first of equal
-    ones) and that probe, fitted on all of `train_x`; the grid's middle value and None (nothing fitted) when the
-    selection split cannot rank (one class only). `progress`: a tqdm bar advanced once per fit."""
-    if len(grid) == 1 or len(np.unique(select_y)) < 2:
-        return grid[len(grid) // 2], None
-    best, best_probe, best_auroc = grid[0], None, -np.inf
-    for C in grid:
-        probe = fit_probe(train_x, train_y, seed=seed, C=C)
-        if progress is not None:
-            progress.update(1)
-        value = probe_metrics(select_y, probe.predict_proba(select_x), probe.classes_, positive_class=positive_class)["auroc"]
-        if value > best_auroc + 1e-12:
-            best, best_probe, best_auroc = C, probe, value
-    return best, best_probe
-
-
-def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
-                      label_names: list[str], seeds: list[int], shots: list[int], C: float | list[float] = 1.0,
-                      positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
-                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None,
-                      progress: bool = True) -> tuple[dict, dict]:
-    """Full and k-shot probes and retrieval on extracted features.
-
-    `C` is the probe's inverse L2 strength, or a grid of them: each feature set then uses the value with the
-    best AUROC on `select_split` (default: "validation" when it is among `eval_splits`; without one, the
-    grid's middle value), for its full and k-shot probes alike.
-
-    The full probe is fitted once per feature set (the lbfgs solver is deterministic: every seed would fit the
-    same model; the probe that won the selection of C is reused) and counted once per seed; the k-shot probes
-    are fitted per seed and k. A progress bar counts the fits (`progress=False` hides it).
-
-    Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
-    `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`,
-    `probe_C` (the value each feature set used) and `retrieval`; `curves` holds the first seed's full-probe
-    scores of the last split for the ROC plot.
-    """
-    train = features[train_split]
-    num_classes = len(label_names)
-    kept, skipped = feasible_shots(train["labels"], shots, label_names)
-    draws = {(k, seed): kshot_indices(train["labels"], k, seed) for k in kept for seed in seeds}
-    raw = {"full": {}, "kshot": {}}  # (split, feature_set[, k]) -> metric -> values over seeds
-    curves = {"split": eval_splits[-1], "labels": features[eval_splits[-1]]["labels"], "scores": {}}
-    inputs = {(split, feature_set): probe_inputs(features[split], feature_set, representation)
-              for split in [train_split, *eval_splits] for feature_set in feature_sets}
-    grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
-    select = select_split or ("validation" if "validation" in eval_splits else None)  # never the test split by default
-    chosen = {}
-    fits = len(feature_sets) * ((len(grid) if select is not None and len(grid) > 1 else 1) + len(seeds) * len(kept))
-    bar = tqdm(total=fits, desc="probes", unit="fit", disable=not progress)
-    for feature_set in feature_sets:
-        train_x = inputs[train_split, feature_set]
-        chosen[feature_set], full = (grid[len(grid) // 2], None) if select is None else select_C(
-            train_x, train["labels"], inputs[select, feature_set], features[select]["labels"], grid, seeds[0],
-            positive_class, bar)
-        if full is None:
-            full = fit_probe(train_x, train["labels"], seed=seeds[0], C=chosen[feature_set])
-            bar.update(1)
-        for seed in seeds:
-            runs = [("full", None, full)] + [("kshot", k, draws[k, seed]) for k in kept]
-            for kind, k, probe in runs:
-                if kind == "kshot":
-                    probe = fit_probe(train_x[probe], train["labels"][probe], seed=seed, C=chosen[feature_set])
-                    bar.update(1)
-                for split in eval_splits:
-                    scores = probe.predict_proba(inputs[split, feature_set])
-                    metrics = probe_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class,
-                                            patient_ids=features[split]["patient_ids"])
-                    key = (split, feature_set) if kind == "full" else (split, feature_set, k)
-                    for name, value in metrics.items():
-                        raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
-                    if kind == "full" and seed == seeds[0] and split == curves["split"]:
-                        curves["scores"][feature_set] = (scores, [int(c) for c in probe.classes_])
-    bar.close()
-    results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "probe_C": chosen, "retrieval": {}}
-    for (split, feature_set), metrics in raw["full"].items():
-        results["linear_probe"].setdefault(split, {})[feature_set] = {m: summarise(v) for m, v in metrics.items()}
-    for (split, feature_set, k), metrics in raw["kshot"].items():
-        results["kshot"].setdefault(split, {}).setdefault(feature_set, {})[str(k)] = {m: summarise(v) for m, v in metrics.items()}
-    for split in eval_splits:
-        retrieval = retrieval_metrics(features[split], ks=RETRIEVAL_KS)
-        retrieval.update({f"chance_recall@{k}": min(1.0, k / len(features[split]["image"])) for k in RETRIEVAL_KS})
-        results["retrieval"][split] = retrieval
-    return results, curves
 
 
 # ----- report -----

@@ -49,7 +49,8 @@ from training.data.collate import SLIMPCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import embed_split
 from training import labels as label_rules
-from training.probe import fit_probe, probe_inputs, probe_metrics
+from training.metrics import probability_metrics
+from training.probe import fit_probe, probe_inputs
 from training.results import write_json
 
 logger = logging.getLogger(__name__)
@@ -343,7 +344,7 @@ def downstream_probes(probe_train: dict[str, np.ndarray], target_variants: dict[
             f"image+metadata ({name} metadata)": features for name, features in target_variants.items()}
         for row, features in variants.items():
             scores = probe.predict_proba(probe_inputs(features, feature_set))
-            rows[row] = probe_metrics(features["labels"], scores, probe.classes_, num_classes, positive_class)
+            rows[row] = probability_metrics(features["labels"], scores, probe.classes_, num_classes, positive_class)
     return rows
 
 

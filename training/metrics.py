@@ -92,8 +92,7 @@ def balanced_accuracy(y: ArrayLike, pred: ArrayLike) -> float:
 
 def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLike | None = None,
                            positive_class: int = 1) -> dict[str, float]:
-    """AUROC, the ISIC 2024 pAUC above 80% TPR, balanced accuracy and, given the lesions' patients, the
-    ISIC 2024 patient metric (top-15 retrieval sensitivity), from model logits.
+    """The metric bundle (`score_metrics`) of a classifier's logits.
 
     Args:
         y: (N,) integer labels in [0, C).
@@ -101,13 +100,7 @@ def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLi
         patient_ids: (N,) the patient of each lesion (optional).
         positive_class: the class whose score pAUC and top-15 rank (`training.labels.positive_class` picks it
             from the label names); binary AUROC is this class vs the other.
-
-    Returns:
-        ``{"auroc", "pauc_80tpr", "balanced_accuracy"}`` (+ ``"top15_sensitivity"``). AUROC is macro
-        one-vs-rest beyond two classes; pAUC and top-15 are `positive_class` vs the rest (NaN when the split
-        lacks either side).
     """
-    y = np.asarray(y)
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
@@ -120,14 +113,69 @@ def classification_metrics(y: ArrayLike, logits: ArrayLike, patient_ids: ArrayLi
     # Binary: rank by the logit difference, since softmax probabilities saturate to ties in float64.
     binary = logits.shape[1] == 2
     positive = logits[:, positive_class] - logits[:, 1 - positive_class] if binary else probs[:, positive_class]
+    return score_metrics(y, positive, None if binary else probs, logits.argmax(axis=1), positive_class, patient_ids)
+
+
+def probability_metrics(y: ArrayLike, probabilities: ArrayLike, classes: Sequence[int], num_classes: int | None = None,
+                        positive_class: int = 1, patient_ids: ArrayLike | None = None) -> dict[str, float]:
+    """The metric bundle (`score_metrics`) of class probabilities, e.g. a scikit-learn probe's `predict_proba`.
+
+    Args:
+        y: (N,) labels in [0, num_classes).
+        probabilities: (N, len(classes)) class probabilities, columns in the order of `classes`.
+        classes: the class ids the scorer was fitted on (`probe.classes_`).
+        num_classes: the dataset's number of classes (default: len(classes)). Binary problems rank by the
+            positive-class probability; more classes use macro one-vs-rest AUROC over the classes present in
+            `y` (a class the scorer never saw scores 0).
+        positive_class: the class whose pAUC and top-15 are reported (NaN if the scorer never saw it).
+        patient_ids: (N,) each lesion's patient, for the ISIC 2024 patient-level metric.
+    """
+    probabilities = np.asarray(probabilities)
+    classes = [int(c) for c in classes]
+    num_classes = num_classes or len(classes)
+    positive = probabilities[:, classes.index(positive_class)] if positive_class in classes else None
+    class_scores = None
+    if num_classes != 2:
+        class_scores = np.zeros((len(probabilities), max(num_classes, max(classes) + 1)))  # column c = class c
+        class_scores[:, classes] = probabilities
+    predictions = np.asarray(classes)[probabilities.argmax(axis=1)]
+    return score_metrics(y, positive, class_scores, predictions, positive_class, patient_ids)
+
+
+def score_metrics(y: ArrayLike, positive_score: np.ndarray | None, class_scores: np.ndarray | None,
+                  predictions: ArrayLike, positive_class: int = 1, patient_ids: ArrayLike | None = None) -> dict[str, float]:
+    """The one metric bundle: AUROC, the ISIC 2024 pAUC above 80% TPR, balanced accuracy and, given the lesions'
+    patients, the ISIC 2024 patient metric (top-15 retrieval sensitivity).
+
+    Args:
+        y: (N,) integer labels.
+        positive_score: (N,) scores of `positive_class`, higher = more likely (any monotone score: a logit
+            difference, a probability); None when the scorer never saw that class (its metrics are NaN).
+        class_scores: (N, C) class probabilities for more than two classes (macro one-vs-rest AUROC); None for
+            a binary problem (AUROC of `positive_score`, `positive_class` vs the other).
+        predictions: (N,) predicted labels (balanced accuracy).
+        positive_class: the class pAUC and top-15 rank.
+        patient_ids: (N,) the patient of each lesion (optional).
+
+    Returns:
+        ``{"auroc", "pauc_80tpr", "balanced_accuracy"}`` (+ ``"top15_sensitivity"``); pAUC and top-15 are NaN
+        when the split lacks either side.
+    """
+    y = np.asarray(y)
     is_positive = (y == positive_class).astype(int)
+    if class_scores is None:
+        value = auroc(is_positive, positive_score if positive_score is not None else np.zeros(len(y)))
+    else:
+        value = auroc(y, class_scores)
+    both_sides = positive_score is not None and 0 < is_positive.sum() < len(y)
     result = {
-        "auroc": auroc(is_positive, positive) if binary else auroc(y, probs),
-        "pauc_80tpr": isic2024_pauc(is_positive, positive) if 0 < is_positive.sum() < len(y) else float("nan"),
-        "balanced_accuracy": balanced_accuracy(y, logits),
+        "auroc": float(value),
+        "pauc_80tpr": float(isic2024_pauc(is_positive, positive_score)) if both_sides else float("nan"),
+        "balanced_accuracy": balanced_accuracy(y, np.asarray(predictions)),
     }
     if patient_ids is not None:
-        result["top15_sensitivity"] = top_k_sensitivity(is_positive, positive, patient_ids, k=15)["sensitivity"]
+        result["top15_sensitivity"] = (top_k_sensitivity(is_positive, positive_score, patient_ids, k=15)["sensitivity"]
+                                       if positive_score is not None else float("nan"))
     return result
 
 

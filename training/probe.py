@@ -1,8 +1,18 @@
-"""Linear probes on frozen SLIMP features, and image <-> metadata retrieval.
+"""The probe protocol behind every table (evaluate.py, pretrain.py's closing probe, the quality bench): linear
+probes, full and k-shot, on frozen SLIMP features, and image <-> metadata retrieval.
 
-    features = embed_split(model, dataset, collator)                       # training/embeddings.py
-    x = probe_inputs(features, "image+metadata+context", "tower")
-    probe = fit_probe(x_train, y_train); metrics = probe_metrics(y_test, probe.predict_proba(x_test), probe.classes_)
+    features = {split: embed_split(model, dataset, collator) for split, dataset in splits.items()}  # training/embeddings.py
+    results, curves = evaluate_features(features, "train", ["validation", "test"], label_names, seeds=[0, 1, 2],
+                                        shots=[1, 5, 10, 50], C=list(PROBE_C_GRID))
+    x = probe_inputs(features["train"], "image+metadata+context", "tower")          # one probe by hand
+    probe = fit_probe(x, features["train"]["labels"])
+
+The protocol (`evaluate_features`): a logistic-regression probe (standardisation + L2, class-balanced, one BLAS
+thread) on the whole training split, its C picked from a grid by AUROC on the validation split, and k-shot
+probes on k lesions of each class drawn per seed (a k larger than the rarest class is skipped and noted);
+metrics (`training.metrics.probability_metrics`): AUROC, the ISIC 2024 pAUC above 80% TPR and top-15
+sensitivity for the positive class, balanced accuracy, as mean ± sample std over the seeds; retrieval
+recall@1/5/10 of image -> lesion metadata and back within each evaluated split.
 
 Feature sets (`FEATURE_SETS`), each from either representation (`tower`: the tower outputs before the
 projections; `projection`: the L2-normalised embeddings the losses compare):
@@ -20,6 +30,7 @@ not an input: the context already holds the patient's other lesions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,15 +39,19 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_REPRESENTATION
 from training.embeddings import REPRESENTATIONS, context_of
-from training.metrics import auroc, balanced_accuracy, isic2024_pauc, recall_at_k, top_k_sensitivity
+from training.metrics import probability_metrics, recall_at_k
 
 FEATURE_SETS = ("image", "image+context", "image+metadata", "image+metadata+context")
 # Default representation of the probes, chosen by measurement (bench/quality.py: the tower outputs probe
 # better than the projected embeddings on validation, for every pre-training variant).
 DEFAULT_REPRESENTATION = DEFAULT_CLASSIFIER_REPRESENTATION  # what the default classifier head reads
+METRICS = ("auroc", "pauc_80tpr", "top15_sensitivity", "balanced_accuracy")
+PROBE_C_GRID = (0.01, 0.1, 1.0)  # the probe's inverse L2 strengths; each feature set takes the best on validation
+RETRIEVAL_KS = (1, 5, 10)
 
 
 def _key(name: str, representation: str) -> str:
@@ -71,50 +86,6 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float 
         return probe.fit(train_x, train_y)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
-                 C: float = 1.0, test_patient_ids: Sequence | None = None, positive_class: int = 1) -> dict[str, float]:
-    """Fit on train, score test: AUROC, ISIC 2024 pAUC, balanced accuracy (and top-15 with patient ids), the
-    ranking metrics for `positive_class`."""
-    probe = fit_probe(train_x, train_y, seed=seed, C=C)
-    return probe_metrics(test_y, probe.predict_proba(test_x), probe.classes_, positive_class=positive_class,
-                         patient_ids=test_patient_ids)
-
-
-def probe_metrics(test_y: np.ndarray, scores: np.ndarray, classes: Sequence[int], num_classes: int | None = None,
-                  positive_class: int = 1, patient_ids: Sequence | None = None) -> dict[str, float]:
-    """AUROC, ISIC 2024 pAUC, balanced accuracy and (given `patient_ids`) top-15 sensitivity of probe scores.
-
-    Args:
-        test_y: (N,) labels in [0, num_classes).
-        scores: (N, len(classes)) class probabilities, columns in the order of `classes`.
-        classes: the class ids the probe was trained on (`probe.classes_`).
-        num_classes: the dataset's number of classes (default: len(classes)). Binary problems use the
-            positive-class score; more classes use macro one-vs-rest AUROC over the classes present in
-            `test_y` (a class the probe never saw scores 0).
-        positive_class: the class whose one-vs-rest pAUC and top-15 are reported (NaN if the probe never saw it).
-        patient_ids: (N,) each lesion's patient, for the ISIC 2024 patient-level metric.
-    """
-    classes = [int(c) for c in classes]
-    num_classes = num_classes or len(classes)
-    seen = positive_class in classes
-    positive = scores[:, classes.index(positive_class)] if seen else np.zeros(len(scores))
-    is_positive = (test_y == positive_class).astype(int)
-    if num_classes == 2:
-        ranking, ranked = positive, is_positive  # this class's score vs the other's
-    else:
-        ranking = np.zeros((len(scores), max(num_classes, max(classes) + 1)))  # column c = class c
-        ranking[:, classes] = scores
-        ranked = test_y
-    result = {
-        "auroc": float(auroc(ranked, ranking)),
-        "pauc_80tpr": float(isic2024_pauc(is_positive, positive)) if seen else float("nan"),
-        "balanced_accuracy": float(balanced_accuracy(test_y, np.asarray(classes)[scores.argmax(1)])),
-    }
-    if patient_ids is not None:
-        result["top15_sensitivity"] = top_k_sensitivity(is_positive, positive, patient_ids)["sensitivity"] if seen else float("nan")
-    return result
-
-
 def retrieval_metrics(features: dict[str, np.ndarray], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k of image -> lesion metadata and lesion metadata -> image over the split (the embeddings
     the lesion loss compares)."""
@@ -126,5 +97,123 @@ def retrieval_metrics(features: dict[str, np.ndarray], ks: Sequence[int] = (1, 5
     return result
 
 
-__all__ = ["FEATURE_SETS", "DEFAULT_REPRESENTATION", "probe_inputs", "fit_probe", "linear_probe", "probe_metrics",
-           "retrieval_metrics"]
+# ----- the protocol: full and k-shot probes and retrieval, pure functions of the extracted features -----
+
+def summarise(values: list[float]) -> dict:
+    """Mean ± sample std (ddof 1; 0 for one value) over the finite values; `n` counts them."""
+    finite = [v for v in values if math.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else (0.0 if finite else float("nan"))
+    return {"mean": mean, "std": std, "n": len(finite), "values": [float(v) for v in values]}
+
+
+def kshot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Row indices of k lesions of each class present in `labels`, drawn without replacement."""
+    rng = np.random.default_rng([seed, k])
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c in np.unique(labels)])
+
+
+def feasible_shots(labels: np.ndarray, shots: list[int], label_names: list[str]) -> tuple[list[int], list[dict]]:
+    """The k that the training split can supply for every class, and a note for each skipped one."""
+    classes, counts = np.unique(labels, return_counts=True)
+    rarest = int(counts.argmin())
+    kept, skipped = [], []
+    for k in sorted(set(shots)):
+        if k <= counts[rarest]:
+            kept.append(k)
+        else:
+            skipped.append({"k": k, "reason": f"class '{label_names[classes[rarest]]}' has only {counts[rarest]} "
+                                              f"training lesions (k-shot needs k per class)"})
+    return kept, skipped
+
+
+def select_C(train_x: np.ndarray, train_y: np.ndarray, select_x: np.ndarray, select_y: np.ndarray, grid: list[float],
+             seed: int = 0, positive_class: int = 1, progress=None) -> tuple[float, object | None]:
+    """(C, probe): the L2 strength of the probe with the best AUROC on the selection split (the first of equal
+    ones) and that probe, fitted on all of `train_x`; the grid's middle value and None (nothing fitted) when the
+    selection split cannot rank (one class only). `progress`: a tqdm bar advanced once per fit."""
+    if len(grid) == 1 or len(np.unique(select_y)) < 2:
+        return grid[len(grid) // 2], None
+    best, best_probe, best_auroc = grid[0], None, -np.inf
+    for C in grid:
+        probe = fit_probe(train_x, train_y, seed=seed, C=C)
+        if progress is not None:
+            progress.update(1)
+        value = probability_metrics(select_y, probe.predict_proba(select_x), probe.classes_, positive_class=positive_class)["auroc"]
+        if value > best_auroc + 1e-12:
+            best, best_probe, best_auroc = C, probe, value
+    return best, best_probe
+
+
+def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
+                      label_names: list[str], seeds: list[int], shots: list[int], C: float | list[float] = 1.0,
+                      positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
+                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None,
+                      retrieval: bool = True, progress: bool = True) -> tuple[dict, dict]:
+    """Full and k-shot probes and retrieval on extracted features.
+
+    `C` is the probe's inverse L2 strength, or a grid of them: each feature set then uses the value with the
+    best AUROC on `select_split` (default: "validation" when it is among `eval_splits`; without one, the
+    grid's middle value), for its full and k-shot probes alike.
+
+    The full probe is fitted once per feature set (the lbfgs solver is deterministic: every seed would fit the
+    same model; the probe that won the selection of C is reused) and counted once per seed; the k-shot probes
+    are fitted per seed and k. A progress bar counts the fits (`progress=False` hides it). `retrieval=False` skips
+    the retrieval metrics.
+
+    Returns `(results, curves)`: `results` has `linear_probe` / `kshot` as
+    `{split: {feature_set: {metric: summary}}}` (k-shot one level deeper, by str(k)), `kshot_skipped`,
+    `probe_C` (the value each feature set used) and `retrieval`; `curves` holds the first seed's full-probe
+    scores of the last split for the ROC plot.
+    """
+    train = features[train_split]
+    num_classes = len(label_names)
+    kept, skipped = feasible_shots(train["labels"], shots, label_names)
+    draws = {(k, seed): kshot_indices(train["labels"], k, seed) for k in kept for seed in seeds}
+    raw = {"full": {}, "kshot": {}}  # (split, feature_set[, k]) -> metric -> values over seeds
+    curves = {"split": eval_splits[-1], "labels": features[eval_splits[-1]]["labels"], "scores": {}}
+    inputs = {(split, feature_set): probe_inputs(features[split], feature_set, representation)
+              for split in [train_split, *eval_splits] for feature_set in feature_sets}
+    grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
+    select = select_split or ("validation" if "validation" in eval_splits else None)  # never the test split by default
+    chosen = {}
+    fits = len(feature_sets) * ((len(grid) if select is not None and len(grid) > 1 else 1) + len(seeds) * len(kept))
+    bar = tqdm(total=fits, desc="probes", unit="fit", disable=not progress)
+    for feature_set in feature_sets:
+        train_x = inputs[train_split, feature_set]
+        chosen[feature_set], full = (grid[len(grid) // 2], None) if select is None else select_C(
+            train_x, train["labels"], inputs[select, feature_set], features[select]["labels"], grid, seeds[0],
+            positive_class, bar)
+        if full is None:
+            full = fit_probe(train_x, train["labels"], seed=seeds[0], C=chosen[feature_set])
+            bar.update(1)
+        for seed in seeds:
+            runs = [("full", None, full)] + [("kshot", k, draws[k, seed]) for k in kept]
+            for kind, k, probe in runs:
+                if kind == "kshot":
+                    probe = fit_probe(train_x[probe], train["labels"][probe], seed=seed, C=chosen[feature_set])
+                    bar.update(1)
+                for split in eval_splits:
+                    scores = probe.predict_proba(inputs[split, feature_set])
+                    metrics = probability_metrics(features[split]["labels"], scores, probe.classes_, num_classes, positive_class,
+                                            patient_ids=features[split]["patient_ids"])
+                    key = (split, feature_set) if kind == "full" else (split, feature_set, k)
+                    for name, value in metrics.items():
+                        raw[kind].setdefault(key, {}).setdefault(name, []).append(value)
+                    if kind == "full" and seed == seeds[0] and split == curves["split"]:
+                        curves["scores"][feature_set] = (scores, [int(c) for c in probe.classes_])
+    bar.close()
+    results = {"linear_probe": {}, "kshot": {}, "kshot_skipped": skipped, "probe_C": chosen, "retrieval": {}}
+    for (split, feature_set), metrics in raw["full"].items():
+        results["linear_probe"].setdefault(split, {})[feature_set] = {m: summarise(v) for m, v in metrics.items()}
+    for (split, feature_set, k), metrics in raw["kshot"].items():
+        results["kshot"].setdefault(split, {}).setdefault(feature_set, {})[str(k)] = {m: summarise(v) for m, v in metrics.items()}
+    for split in eval_splits if retrieval else []:
+        recalls = retrieval_metrics(features[split], ks=RETRIEVAL_KS)
+        recalls.update({f"chance_recall@{k}": min(1.0, k / len(features[split]["image"])) for k in RETRIEVAL_KS})
+        results["retrieval"][split] = recalls
+    return results, curves
+
+
+__all__ = ["FEATURE_SETS", "DEFAULT_REPRESENTATION", "METRICS", "PROBE_C_GRID", "RETRIEVAL_KS", "probe_inputs", "fit_probe",
+           "retrieval_metrics", "summarise", "kshot_indices", "feasible_shots", "select_C", "evaluate_features"]

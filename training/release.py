@@ -25,7 +25,7 @@ from modeling_slimp import SLIMPModel
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 from training.labels import LabelError, describe, positive_class
-from training.probe import DEFAULT_REPRESENTATION, linear_probe, probe_inputs
+from training.probe import DEFAULT_REPRESENTATION, evaluate_features
 from training.results import write_json
 from training.safety import write_marker
 
@@ -83,13 +83,14 @@ def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
     untrained = SLIMPModel(model.config).to(model.device)
     rows = {}
     for name, candidate in (("untrained", untrained), ("SLIMP", model)):
-        train_features = embed_split(candidate, train, collator, desc=f"probe: embedding train ({name})")
-        test_features = embed_split(candidate, test, collator, desc=f"probe: embedding test ({name})")
-        for feature_set in PROBE_FEATURE_SETS:
-            rows[f"{name} / {feature_set}"] = linear_probe(
-                probe_inputs(train_features, feature_set, representation), train_features["labels"],
-                probe_inputs(test_features, feature_set, representation), test_features["labels"], seed=seed,
-                test_patient_ids=test_features["patient_ids"], positive_class=positive)
+        features = {split: embed_split(candidate, dataset, collator, desc=f"probe: embedding {split} ({name})")
+                    for split, dataset in (("train", train), ("test", test))}
+        # The protocol of every probe table, at its simplest: the full probe at C = 1, one seed, no k-shot.
+        results, _ = evaluate_features(features, "train", ["test"], names, seeds=[seed], shots=[], C=1.0,
+                                       positive_class=positive, feature_sets=PROBE_FEATURE_SETS,
+                                       representation=representation, retrieval=False, progress=False)
+        for feature_set, metrics in results["linear_probe"]["test"].items():
+            rows[f"{name} / {feature_set}"] = {metric: summary["mean"] for metric, summary in metrics.items()}
     model.train()
     del untrained
     table = ("| model / features | AUROC | pAUC (TPR>80%) | top-15 sensitivity | balanced acc. |\n|---|---|---|---|---|\n"
