@@ -28,10 +28,11 @@ from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 
 
-def lesion_vectors(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def lesion_vectors(features: dict) -> dict[str, np.ndarray]:
     """Unit vectors to compare: the image embedding, and [image, lesion metadata] / sqrt(2)."""
-    both = np.concatenate([features["image"], features["lesion_metadata"]], axis=1) / np.sqrt(2)
-    return {"image": features["image"], "image+metadata": both}
+    embeds = features["projection"]  # the L2-normalised embeddings
+    both = np.concatenate([embeds["image"], embeds["lesion"]], axis=1) / np.sqrt(2)
+    return {"image": embeds["image"], "image+metadata": both}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,11 @@ CLASSIFIER_FEATURES = tuple(
     for context in ((), ("context",))
 )
 CLASSIFIER_REPRESENTATIONS = ("projection", "tower")
+# The feature sets the probes, evaluate.py and the benchmarks report, by their report names, each with the
+# `classifier_features` that read exactly those inputs ("metadata": the lesion's and its patient's). One
+# vocabulary: a probe of a feature set reads what that classifier head reads.
+FEATURE_SETS = {"image": "image", "image+context": "image+context", "image+metadata": "image+lesion+patient",
+                "image+metadata+context": "image+lesion+patient+context"}
 # The classifier defaults, the measured ones (README, quality section): every part, read before the projections.
 # `training/finetune.py` and the examples import them from here.
 DEFAULT_CLASSIFIER_FEATURES = "image+lesion+patient+context"
@@ -282,5 +287,5 @@ class SLIMPConfig(PreTrainedConfig):
 
 
 __all__ = ["SLIMPConfig", "SLIMPMetadataConfig", "SLIMPLesionMetadataConfig", "SLIMPPatientMetadataConfig",
-           "CLASSIFIER_FEATURES", "CLASSIFIER_REPRESENTATIONS", "DEFAULT_CLASSIFIER_FEATURES",
+           "CLASSIFIER_FEATURES", "CLASSIFIER_REPRESENTATIONS", "DEFAULT_CLASSIFIER_FEATURES", "FEATURE_SETS",
            "DEFAULT_CLASSIFIER_REPRESENTATION", "PATIENT_AGGREGATIONS"]

@@ -49,7 +49,7 @@ from .input_checks import (
 )
 from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context, weighted_cross_entropy
 from .metadata_encoder import SLIMPMetadataEncoder, init_slimp_weights
-from .pooling import PatientSums, SLIMPAttentionPooling
+from .pooling import PatientSums, SLIMPAttentionPooling, patient_context
 
 logger = logging.get_logger(__name__)
 
@@ -325,6 +325,43 @@ class SLIMPModel(SLIMPPreTrainedModel):
         output = BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.phenotype_projection(pooled))
         return output if return_dict else output.to_tuple()
 
+    # ----- what each lesion and patient has on its own; `forward` adds the phenotype, the logits and the loss -----
+    def encode(self, pixel_values: torch.Tensor, lesion_numerical_values: torch.Tensor | None = None,
+               lesion_categorical_ids: torch.Tensor | None = None, patient_numerical_values: torch.Tensor | None = None,
+               patient_categorical_ids: torch.Tensor | None = None, patient_index: torch.Tensor | None = None,
+               output_attentions: bool = False, output_hidden_states: bool = False) -> SLIMPOutput:
+        """A batch through the three towers and the projections: `SLIMPOutput` with the L2-normalised `image_embeds`,
+        `lesion_metadata_embeds` (N, D) and `patient_metadata_embeds` (P, D), the tower outputs (`*_pooled_output`)
+        and each tower's own output. No phenotype, logits or loss (`forward` adds them): what an evaluation that
+        pools each patient over all of its lesions, across batches (`PatientSums`), needs of a batch."""
+        _, num_patients = check_batch(self.config, pixel_values, lesion_numerical_values, lesion_categorical_ids,
+                                      patient_numerical_values, patient_categorical_ids, patient_index)
+        return self._encode(pixel_values, lesion_numerical_values, lesion_categorical_ids, patient_numerical_values,
+                            patient_categorical_ids, num_patients, output_attentions, output_hidden_states)
+
+    def _encode(self, pixel_values, lesion_numerical_values, lesion_categorical_ids, patient_numerical_values,
+                patient_categorical_ids, num_patients: int, output_attentions, output_hidden_states) -> SLIMPOutput:
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        image_pooled, vision_output = self.image_tower(pixel_values, **flags)  # (N, C)
+        lesion_output = self.metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids,
+                                            pixel_values.shape[0], **flags)  # pooler_output (N, H)
+        patient_output = self.metadata_tower(self.patient_metadata_model, patient_numerical_values,
+                                             patient_categorical_ids, num_patients, **flags)  # pooler_output (P, H')
+        lesion_pooled, patient_pooled = lesion_output.pooler_output, patient_output.pooler_output
+        return SLIMPOutput(
+            image_embeds=F.normalize(self.visual_projection(image_pooled), dim=-1),  # (N, D)
+            lesion_metadata_embeds=F.normalize(self.lesion_metadata_projection(lesion_pooled), dim=-1),  # (N, D)
+            patient_metadata_embeds=F.normalize(self.patient_metadata_projection(patient_pooled), dim=-1),  # (P, D)
+            image_pooled_output=image_pooled,
+            lesion_metadata_pooled_output=lesion_pooled,
+            patient_metadata_pooled_output=patient_pooled,
+            vision_model_output=vision_output,
+            lesion_metadata_model_output=lesion_output,
+            patient_metadata_model_output=patient_output,
+            hidden_states=vision_output.get("hidden_states"),
+            attentions=vision_output.get("attentions"),
+        )
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -358,16 +395,10 @@ class SLIMPModel(SLIMPPreTrainedModel):
             logger.warning(f"return_loss=True on {num_lesions} lesions in one forward: the loss builds ({num_lesions}, "
                            f"{num_lesions}) logits, their memory and time grow with the square of the batch. Use batches "
                            f"of at most {LARGE_LOSS_BATCH} lesions (whole patients each), or no loss for embeddings.")
-        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        image_pooled, vision_output = self.image_tower(pixel_values, **flags)  # (N, C)
-        lesion_output = self.metadata_tower(self.lesion_metadata_model, lesion_numerical_values, lesion_categorical_ids,
-                                            num_lesions, **flags)  # pooler_output (N, H)
-        patient_output = self.metadata_tower(self.patient_metadata_model, patient_numerical_values,
-                                             patient_categorical_ids, num_patients, **flags)  # pooler_output (P, H')
-        lesion_pooled, patient_pooled = lesion_output.pooler_output, patient_output.pooler_output
-        image_embeds = F.normalize(self.visual_projection(image_pooled), dim=-1)  # (N, D)
-        lesion_metadata_embeds = F.normalize(self.lesion_metadata_projection(lesion_pooled), dim=-1)  # (N, D)
-        patient_metadata_embeds = F.normalize(self.patient_metadata_projection(patient_pooled), dim=-1)  # (P, D)
+        encoded = self._encode(pixel_values, lesion_numerical_values, lesion_categorical_ids, patient_numerical_values,
+                               patient_categorical_ids, num_patients, output_attentions, output_hidden_states)
+        image_embeds, lesion_metadata_embeds = encoded.image_embeds, encoded.lesion_metadata_embeds  # (N, D)
+        patient_metadata_embeds = encoded.patient_metadata_embeds  # (P, D)
         phenotype_embeds = F.normalize(
             self.aggregate_phenotype(image_embeds, lesion_metadata_embeds, patient_index, num_patients), dim=-1
         )  # (P, D)
@@ -396,18 +427,8 @@ class SLIMPModel(SLIMPPreTrainedModel):
             image_ssl_loss=terms.image_ssl_loss if terms else None,
             logits_per_image=logits_per_image,
             logits_per_phenotype=logits_per_phenotype,
-            image_embeds=image_embeds,
-            lesion_metadata_embeds=lesion_metadata_embeds,
             phenotype_embeds=phenotype_embeds,
-            patient_metadata_embeds=patient_metadata_embeds,
-            image_pooled_output=image_pooled,
-            lesion_metadata_pooled_output=lesion_pooled,
-            patient_metadata_pooled_output=patient_pooled,
-            vision_model_output=vision_output,
-            lesion_metadata_model_output=lesion_output,
-            patient_metadata_model_output=patient_output,
-            hidden_states=vision_output.get("hidden_states"),
-            attentions=vision_output.get("attentions"),
+            **encoded,  # the embeddings, tower outputs and tower model outputs (`encode`)
         )
         return output if return_dict else output.to_tuple()
 
@@ -521,10 +542,7 @@ an explicit `patient_index`, e.g. `torch.arange(N)`, states the images-only use 
         lesion's representation minus the mean of its patient's other lesions in `features` (`lesion_features`)."""
         if "context" not in self.parts:
             return None
-        representation = self.context_representation(features)
-        sums = PatientSums(features["num_patients"], representation.shape[-1], device=representation.device,
-                           dtype=representation.dtype).add(representation, features["patient_index"])
-        return sums.context(representation, features["patient_index"])
+        return patient_context(self.context_representation(features), features["patient_index"], features["num_patients"])
 
     def classify(self, features: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, num_labels) from `lesion_features` and, when the head reads it, the context (N, C)."""

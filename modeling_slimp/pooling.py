@@ -111,5 +111,13 @@ class PatientSums:
         return torch.where(count > 1, values - others, torch.zeros_like(values))
 
 
+def patient_context(values: torch.Tensor, patient_index: torch.Tensor, num_patients: int | None = None) -> torch.Tensor:
+    """(N, C) each lesion's row of `values` minus the mean of the same patient's *other* lesions among these N
+    (zero for a one-lesion patient): `PatientSums.context` of sums over exactly these lesions, in `values`' dtype.
+    `patient_index` (N,) in [0, P); P (`num_patients`) defaults to its largest value + 1."""
+    num_patients = num_patients if num_patients is not None else int(patient_index.max()) + 1
+    sums = PatientSums(num_patients, values.shape[-1], device=values.device, dtype=values.dtype).add(values, patient_index)
+    return sums.context(values, patient_index)
 
-__all__ = ["SLIMPAttentionPooling", "PatientSums"]
+
+__all__ = ["SLIMPAttentionPooling", "PatientSums", "patient_context"]

@@ -169,8 +169,10 @@ def test_sub_configs_are_the_classes_that_know_their_key(tmp_path):
 
 def test_classifier_defaults_are_the_measured_ones_stated_once():
     """One set of defaults (every part, tower outputs), read by the config, the fine-tuning script and the probes."""
+    import inspect
+
     from training.finetune import ModelArguments
-    from training.probe import DEFAULT_REPRESENTATION
+    from training.probe import evaluate_features, probe_inputs
 
     assert (DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION) == ("image+lesion+patient+context", "tower")
     config = SLIMPConfig()
@@ -179,7 +181,8 @@ def test_classifier_defaults_are_the_measured_ones_stated_once():
     arguments = ModelArguments(model_dir="unused")
     assert (arguments.classifier_features, arguments.representation) == (DEFAULT_CLASSIFIER_FEATURES,
                                                                          DEFAULT_CLASSIFIER_REPRESENTATION)
-    assert DEFAULT_REPRESENTATION == DEFAULT_CLASSIFIER_REPRESENTATION
+    for probe_function in (evaluate_features, probe_inputs):  # the probes' default is the classifier's
+        assert inspect.signature(probe_function).parameters["representation"].default == DEFAULT_CLASSIFIER_REPRESENTATION
     model = SLIMPForLesionClassification(tiny_config())
     assert model.parts == ["image", "lesion", "patient", "context"]
     assert model.classifier.in_features == 32 + 16 + 24 + (32 + 16)  # tower widths (ViT, lesion, patient) + context

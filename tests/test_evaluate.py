@@ -7,14 +7,24 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from tests._eval_fixtures import relabelled_dataset, tiny_data_and_checkpoint
 from training import evaluate
 from training import probe as protocol
+from modeling_slimp.pooling import patient_context
 from training.probe import FEATURE_SETS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RANGES = {"auroc": (0.0, 1.0), "pauc_80tpr": (0.0, 0.2), "balanced_accuracy": (0.0, 1.0)}
+
+
+def projection_features(image, lesion, patient, phenotype, labels, codes) -> dict:
+    """`embed_split`'s layout for hand-made projected embeddings (the patient context computed as it computes it)."""
+    index = torch.from_numpy(codes)
+    context = {name: patient_context(torch.from_numpy(x).double(), index).float().numpy() for name, x in (("image", image), ("lesion", lesion))}
+    return {"projection": {"image": image, "lesion": lesion, "patient": patient, "phenotype": phenotype, "context": context},
+            "labels": labels, "patient_codes": codes, "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +114,7 @@ def test_evaluate_features_sanity():
         labels = (image[:, 0] > 0.3).astype(int)
         metadata = image + 0.05 * rng.normal(size=image.shape)
         codes = np.arange(n) // 4  # 4 lesions per patient
-        return {"image": image, "lesion_metadata": metadata, "patient_metadata": rng.normal(size=(n, 16)),
-                "phenotype": rng.normal(size=(n, 16)), "labels": labels, "patient_codes": codes,
-                "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
+        return projection_features(image, metadata, rng.normal(size=(n, 16)), rng.normal(size=(n, 16)), labels, codes)
 
     features = {"train": split(200), "test": split(100)}
     results, curves = protocol.evaluate_features(features, "train", ["test"], ["benign", "malignant"], seeds=[0, 1, 2],
@@ -128,9 +136,7 @@ def test_evaluate_features_multiclass():
         image = rng.normal(size=(n, 8))
         labels = np.digitize(image[:, 0], [-0.4, 0.4])  # 0, 1, 2
         codes = np.arange(n) // 3
-        return {"image": image, "lesion_metadata": rng.normal(size=(n, 8)), "patient_metadata": rng.normal(size=(n, 8)),
-                "phenotype": rng.normal(size=(n, 8)), "labels": labels, "patient_codes": codes,
-                "patient_ids": np.array([f"p{c}" for c in codes], dtype=object)}
+        return projection_features(image, rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), labels, codes)
 
     features = {"train": split(300), "test": split(150)}
     results, curves = protocol.evaluate_features(features, "train", ["test"], ["a", "b", "c"], seeds=[0], shots=[20],

@@ -15,7 +15,8 @@ from transformers import ViTImageProcessorPil
 from conftest import IMAGE_SIZE, tiny_config
 from modeling_slimp import PatientSums, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
 from training.data.collate import SLIMPCollator
-from training.embeddings import context_of, embed_split, predict_split
+from modeling_slimp.pooling import patient_context as context_of
+from training.embeddings import embed_split, predict_split
 from training.metrics import top_k_sensitivity
 
 
@@ -96,12 +97,13 @@ def test_whole_patient_phenotype_and_context_do_not_depend_on_the_batch_size(big
     model = SLIMPModel(config).eval()
     small, large = (embed_split(model, big_patient_split, collator, batch_size=size) for size in (64, 2048))
     big = np.asarray(big_patient_split["patient_id"]) == "IP_BIG"
-    np.testing.assert_allclose(small["phenotype"], large["phenotype"], rtol=1e-4, atol=1e-5)
-    assert np.allclose(large["phenotype"][big], large["phenotype"][big][0], atol=1e-6)  # one phenotype per patient
-    for name in ("image_tower", "lesion_metadata_tower"):
+    np.testing.assert_allclose(small["projection"]["phenotype"], large["projection"]["phenotype"], rtol=1e-4, atol=1e-5)
+    phenotype = large["projection"]["phenotype"]
+    assert np.allclose(phenotype[big], phenotype[big][0], atol=1e-6)  # one phenotype per patient
+    for name in ("image", "lesion"):
         codes = torch.from_numpy(small["patient_codes"])
-        np.testing.assert_allclose(context_of(torch.from_numpy(small[name]).double(), codes).numpy(),
-                                   context_of(torch.from_numpy(large[name]).double(), codes).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(context_of(torch.from_numpy(small["tower"][name]).double(), codes).numpy(),
+                                   context_of(torch.from_numpy(large["tower"][name]).double(), codes).numpy(), rtol=1e-4, atol=1e-5)
 
     config.classifier_features, config.num_labels = "image+lesion+patient+context", 2
     classifier = SLIMPForLesionClassification(config).eval()

@@ -38,12 +38,13 @@ import torch
 
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
+from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS, DEFAULT_CLASSIFIER_REPRESENTATION, FEATURE_SETS
 from training.arguments import ArgumentError, parse_dataclasses, run_cli
 from training.data.collate import SLIMPCollator
 from training.data.dataset import column_list, load_slimp_dataset
-from training.embeddings import REPRESENTATIONS, embed_split
+from training.embeddings import embed_split
 from training import labels as label_rules
-from training.probe import DEFAULT_REPRESENTATION, FEATURE_SETS, METRICS, PROBE_C_GRID, RETRIEVAL_KS, evaluate_features
+from training.probe import METRICS, PROBE_C_GRID, RETRIEVAL_KS, evaluate_features
 from training.release import is_hub_id
 from training.results import write_json
 
@@ -60,7 +61,7 @@ class EvaluateArguments:
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"],
                               metadata={"help": "The probe's training split, then the evaluated splits (plots: the last)."})
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS), metadata={"help": f"Any of {list(FEATURE_SETS)}."})
-    representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"What the probes read: one of {REPRESENTATIONS} (tower outputs before the projections, or the projected embeddings)."})
+    representation: str = field(default=DEFAULT_CLASSIFIER_REPRESENTATION, metadata={"help": f"What the probes read: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected embeddings)."})
     batch_size: int = field(default=256, metadata={"help": "Most lesions per feature-extraction batch (whole patients; phenotype and context are exact for any size)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers of the feature extraction."})
     probe_C: list[float] = field(default_factory=lambda: list(PROBE_C_GRID), metadata={"help": "Inverse L2 strength of the logistic-regression probe, or several: each feature set takes the one with the best validation AUROC (--select_split)."})
@@ -83,8 +84,8 @@ class EvaluateArguments:
         unknown = [f for f in self.feature_sets if f not in FEATURE_SETS]
         if unknown or not self.feature_sets:
             raise ArgumentError(f"--feature_sets must be a non-empty subset of {list(FEATURE_SETS)}, got {self.feature_sets}")
-        if self.representation not in REPRESENTATIONS:
-            raise ArgumentError(f"--representation must be one of {REPRESENTATIONS}, got '{self.representation}'")
+        if self.representation not in CLASSIFIER_REPRESENTATIONS:
+            raise ArgumentError(f"--representation must be one of {CLASSIFIER_REPRESENTATIONS}, got '{self.representation}'")
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:

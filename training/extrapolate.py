@@ -199,7 +199,7 @@ def build_bank(reference_features: dict[str, np.ndarray], reference, features: d
             logger.warning("reference has no column '%s': the bank holds it as missing", name)
             values = [float("nan") if kind == "numerical" else None] * len(reference)
         metadata[name] = values
-    return ReferenceBank(embeddings=reference_features["image"].astype(np.float32), metadata=metadata,
+    return ReferenceBank(embeddings=reference_features["projection"]["image"].astype(np.float32), metadata=metadata,
                          info={**info, "features": features, "num_lesions": len(reference)})
 
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
     truth = {name: column_values(target, name, kind) for _, kind, name in _all_features(features)}
     hidden = target.remove_columns([name for name, values in truth.items() if values is not None])
     missing = extract(hidden)
-    indices, similarities = nearest_neighbours(missing["image"], bank.embeddings, args.k)
+    indices, similarities = nearest_neighbours(missing["projection"]["image"], bank.embeddings, args.k)
     imputed = impute(bank, indices, similarities, patient_ids, args.weighting)
     errors = imputation_errors(truth, imputed, bank, patient_ids)
 

@@ -60,6 +60,7 @@ from modeling_slimp.configuration_slimp import (
     CLASSIFIER_FEATURES,
     CLASSIFIER_REPRESENTATIONS,
     DEFAULT_CLASSIFIER_FEATURES,
+    DEFAULT_CLASSIFIER_REPRESENTATION,
 )
 from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
 from training.checkpointing import CheckpointError, damaged_files, write_manifest
@@ -69,7 +70,7 @@ from training.embeddings import predict_images_only, predict_split
 from training.labels import LabelError, describe, positive_class
 from training.metrics import classification_metrics
 from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16
-from training.probe import DEFAULT_REPRESENTATION, fit_probe
+from training.probe import fit_probe
 from training.release import IMAGES_ONLY_SPLIT, RELEASE_FILES, is_hub_id, public_value, push_release, save_release
 from training.safety import check_apart, check_writable_release, locked
 
@@ -97,7 +98,7 @@ class ModelArguments:
     model_dir: str = field(metadata={"help": "A pre-trained SLIMP checkpoint folder (or Hub id)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
     classifier_features: str = field(default=DEFAULT_CLASSIFIER_FEATURES, metadata={"help": f"What the head reads: one of {CLASSIFIER_FEATURES}."})
-    representation: str = field(default=DEFAULT_REPRESENTATION, metadata={"help": f"Which features of each tower the head reads: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected features)."})
+    representation: str = field(default=DEFAULT_CLASSIFIER_REPRESENTATION, metadata={"help": f"Which features of each tower the head reads: one of {CLASSIFIER_REPRESENTATIONS} (tower outputs before the projections, or the projected features)."})
     class_weights: str = field(default="auto", metadata={"help": "auto (inverse train frequency) | none | w0,w1,..."})
     positive_label: str | None = field(default=None, metadata={"help": "The positive class (a label name or id): the class whose score pAUC, top-15 and the binary AUROC rank, written in the card and config.json. Default: the label name that is a known malignant diagnosis ('malignant', 'melanoma', 'mel', ...); a binary labelling without one is refused."})
     probe_C: float = field(default=1.0, metadata={"help": "--mode linear: inverse L2 strength of the logistic-regression head (as evaluate.py's probe)."})

@@ -14,18 +14,19 @@ metrics (`training.metrics.probability_metrics`): AUROC, the ISIC 2024 pAUC abov
 sensitivity for the positive class, balanced accuracy, as mean ± sample std over the seeds; retrieval
 recall@1/5/10 of image -> lesion metadata and back within each evaluated split.
 
-Feature sets (`FEATURE_SETS`), each from either representation (`tower`: the tower outputs before the
-projections; `projection`: the L2-normalised embeddings the losses compare):
+Feature sets (`FEATURE_SETS`, stated in `configuration_slimp.py` with the `classifier_features` each one is),
+each from either representation (`CLASSIFIER_REPRESENTATIONS`: `tower`, the tower outputs before the projections;
+`projection`, the L2-normalised embeddings the losses compare):
 
-- `image`: the image feature;
-- `image+context`: plus the patient context of the image feature (the lesion minus the mean of the same
-  patient's other lesions, `PatientSums.context`), the dermatologist's "ugly duckling" comparison;
-- `image+metadata`: the image, lesion-metadata and patient-metadata features;
-- `image+metadata+context`: plus the context of the image + lesion-metadata representation.
+- `image` (`image`): the image feature;
+- `image+context` (`image+context`): plus the patient context of the image feature (the lesion minus the mean of
+  the same patient's other lesions, `pooling.patient_context`), the dermatologist's "ugly duckling" comparison;
+- `image+metadata` (`image+lesion+patient`): the image, lesion-metadata and patient-metadata features;
+- `image+metadata+context` (`image+lesion+patient+context`): plus the context of the image and lesion parts.
 
-These are the inputs `SLIMPForLesionClassification` can read (`classifier_features` image, lesion, patient,
-context), so `finetune.py --mode linear` fits this probe on the same features. The pooled phenotype is
-not an input: the context already holds the patient's other lesions.
+A probe reads exactly what a `SLIMPForLesionClassification` with those `classifier_features` reads, in its order,
+so `finetune.py --mode linear` fits this probe on the same features. The pooled phenotype is not an input: the
+context already holds the patient's other lesions.
 """
 
 from __future__ import annotations
@@ -34,45 +35,33 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_REPRESENTATION
-from training.embeddings import REPRESENTATIONS, context_of
+from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS, DEFAULT_CLASSIFIER_REPRESENTATION, FEATURE_SETS
+from training.embeddings import CONTEXT_PARTS
 from training.metrics import probability_metrics, recall_at_k
 
-FEATURE_SETS = ("image", "image+context", "image+metadata", "image+metadata+context")
-# Default representation of the probes, chosen by measurement (bench/quality.py: the tower outputs probe
-# better than the projected embeddings on validation, for every pre-training variant).
-DEFAULT_REPRESENTATION = DEFAULT_CLASSIFIER_REPRESENTATION  # what the default classifier head reads
 METRICS = ("auroc", "pauc_80tpr", "top15_sensitivity", "balanced_accuracy")
 PROBE_C_GRID = (0.01, 0.1, 1.0)  # the probe's inverse L2 strengths; each feature set takes the best on validation
 RETRIEVAL_KS = (1, 5, 10)
 
 
-def _key(name: str, representation: str) -> str:
-    if representation not in REPRESENTATIONS:
-        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got '{representation}'")
-    return name if representation == "projection" else f"{name}_tower"
-
-
-def probe_inputs(features: dict[str, np.ndarray], feature_set: str, representation: str = DEFAULT_REPRESENTATION) -> np.ndarray:
-    """The probe's input matrix (N, F) for a feature set (see the module docstring) of `embed_split` features."""
+def probe_inputs(features: dict, feature_set: str, representation: str = DEFAULT_CLASSIFIER_REPRESENTATION) -> np.ndarray:
+    """The probe's input matrix (N, F) for a feature set of `embed_split` features: the parts of its
+    `classifier_features` in the classifier's order, the context last (that of the image, then the lesion part)."""
     if feature_set not in FEATURE_SETS:
-        raise ValueError(f"feature_set must be one of {FEATURE_SETS}, got '{feature_set}'")
-    lesion_level = ["image"] + (["lesion_metadata"] if feature_set.startswith("image+metadata") else [])
-    parts = [features[_key(name, representation)] for name in lesion_level]
-    if feature_set.startswith("image+metadata"):
-        parts.append(features[_key("patient_metadata", representation)])
-    if feature_set.endswith("+context"):
-        representation_rows = torch.from_numpy(np.concatenate([features[_key(n, representation)] for n in lesion_level], axis=1))
-        codes = torch.from_numpy(np.asarray(features["patient_codes"], dtype=np.int64))
-        parts.append(context_of(representation_rows.double(), codes).float().numpy())
-    return np.concatenate(parts, axis=1)
+        raise ValueError(f"feature_set must be one of {list(FEATURE_SETS)}, got '{feature_set}'")
+    if representation not in CLASSIFIER_REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {CLASSIFIER_REPRESENTATIONS}, got '{representation}'")
+    parts, values = FEATURE_SETS[feature_set].split("+"), features[representation]
+    columns = [values[part] for part in parts if part != "context"]
+    if "context" in parts:
+        columns += [values["context"][part] for part in CONTEXT_PARTS if part in parts]
+    return np.concatenate(columns, axis=1)
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float = 1.0, class_weight="balanced"):
@@ -86,13 +75,12 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, C: float 
         return probe.fit(train_x, train_y)
 
 
-def retrieval_metrics(features: dict[str, np.ndarray], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k of image -> lesion metadata and lesion metadata -> image over the split (the embeddings
-    the lesion loss compares)."""
-    result = {}
-    for name, query, gallery in (("image_to_metadata", "image", "lesion_metadata"),
-                                 ("metadata_to_image", "lesion_metadata", "image")):
-        for k, value in recall_at_k(features[query], features[gallery], ks=ks).items():
+def retrieval_metrics(features: dict, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k of image -> lesion metadata and lesion metadata -> image over the split (the projected
+    embeddings the lesion loss compares)."""
+    result, embeds = {}, features["projection"]
+    for name, query, gallery in (("image_to_metadata", "image", "lesion"), ("metadata_to_image", "lesion", "image")):
+        for k, value in recall_at_k(embeds[query], embeds[gallery], ks=ks).items():
             result[f"{name}_recall@{k}"] = float(value)
     return result
 
@@ -147,8 +135,8 @@ def select_C(train_x: np.ndarray, train_y: np.ndarray, select_x: np.ndarray, sel
 
 def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: str, eval_splits: list[str],
                       label_names: list[str], seeds: list[int], shots: list[int], C: float | list[float] = 1.0,
-                      positive_class: int = 1, feature_sets: tuple[str, ...] = FEATURE_SETS,
-                      representation: str = DEFAULT_REPRESENTATION, select_split: str | None = None,
+                      positive_class: int = 1, feature_sets: tuple[str, ...] = tuple(FEATURE_SETS),
+                      representation: str = DEFAULT_CLASSIFIER_REPRESENTATION, select_split: str | None = None,
                       retrieval: bool = True, progress: bool = True) -> tuple[dict, dict]:
     """Full and k-shot probes and retrieval on extracted features.
 
@@ -210,10 +198,10 @@ def evaluate_features(features: dict[str, dict[str, np.ndarray]], train_split: s
         results["kshot"].setdefault(split, {}).setdefault(feature_set, {})[str(k)] = {m: summarise(v) for m, v in metrics.items()}
     for split in eval_splits if retrieval else []:
         recalls = retrieval_metrics(features[split], ks=RETRIEVAL_KS)
-        recalls.update({f"chance_recall@{k}": min(1.0, k / len(features[split]["image"])) for k in RETRIEVAL_KS})
+        recalls.update({f"chance_recall@{k}": min(1.0, k / len(features[split]["patient_codes"])) for k in RETRIEVAL_KS})
         results["retrieval"][split] = recalls
     return results, curves
 
 
-__all__ = ["FEATURE_SETS", "DEFAULT_REPRESENTATION", "METRICS", "PROBE_C_GRID", "RETRIEVAL_KS", "probe_inputs", "fit_probe",
+__all__ = ["METRICS", "PROBE_C_GRID", "RETRIEVAL_KS", "probe_inputs", "fit_probe",
            "retrieval_metrics", "summarise", "kshot_indices", "feasible_shots", "select_C", "evaluate_features"]

@@ -22,10 +22,11 @@ import torch
 import yaml
 
 from modeling_slimp import SLIMPModel
+from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_REPRESENTATION
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 from training.labels import LabelError, describe, positive_class
-from training.probe import DEFAULT_REPRESENTATION, evaluate_features
+from training.probe import evaluate_features
 from training.results import write_json
 from training.safety import write_marker
 
@@ -66,7 +67,7 @@ def public_value(value):
 
 
 def probe_report(model: SLIMPModel, collator, dataset_dir: str, seed: int = 0,
-                 representation: str = DEFAULT_REPRESENTATION) -> dict:
+                 representation: str = DEFAULT_CLASSIFIER_REPRESENTATION) -> dict:
     """Linear probe (train split -> test split) of `model` and of an untrained model of the same config, for the
     positive class of the label names (`training.labels`; class 1, said, when the names do not tell)."""
     train, schema = load_slimp_dataset(dataset_dir, "train")

@@ -39,6 +39,7 @@ from transformers import BatchFeature
 
 from modeling_slimp import SLIMPProcessor
 from modeling_slimp.processing_slimp import to_rgb
+from modeling_slimp.schema_slimp import PATIENT_COLUMN, factorize
 
 from .augment import AugmentationConfig, augment, draw_parameters
 
@@ -127,8 +128,7 @@ class SLIMPCollator:
         images, ids, labels, metadata = self._columns(rows)
         pixels = np.stack([decode_image(image, image_id, self.size) for image, image_id in zip(images, ids)])
         if self.encoded_metadata is not None and indices is not None:
-            patients = rows.column("patient_id").to_pylist() if hasattr(rows, "column") else list(metadata["patient_id"])
-            batch = BatchFeature(self.encoded_metadata.batch(indices, patients))
+            batch = BatchFeature(self.encoded_metadata.batch(indices))
         else:
             batch = BatchFeature(self.processor.encode_metadata(metadata))
         batch[PIXELS] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
@@ -217,10 +217,11 @@ class ColumnBatches(torch.utils.data.Dataset):
 
 
 class EncodedMetadata:
-    """A split's metadata encoded once (`SLIMPProcessor.encode_rows`, in chunks of `chunk_rows`), so that a
-    batch's metadata is a gather and a patient grouping (`batch`), whatever its size: the same tensors the
-    processor gives for those rows (tests/test_collate.py). About 0.2 KB per lesion for the ISIC 2024 schema.
-    Build it in the main process before the DataLoader starts; workers share it.
+    """A split's metadata encoded once (`SLIMPProcessor.encode_rows`, in chunks of `chunk_rows`) and its patients
+    numbered once (`patient_codes` (N,), in order of first appearance, `num_patients`), so that a batch's
+    metadata is a gather and a patient grouping (`batch`), whatever its size: the same tensors the processor
+    gives for those rows (tests/test_collate.py). About 0.2 KB per lesion for the ISIC 2024 schema. Build it in
+    the main process before the DataLoader starts; workers share it.
 
         encoded = EncodedMetadata(processor, train_split)
         collator = SLIMPCollator(processor, train=True, seed=0, encoded_metadata=encoded)
@@ -233,15 +234,21 @@ class EncodedMetadata:
         parts = [processor.encode_rows(table[start:start + chunk_rows]) for start in range(0, len(dataset), chunk_rows)]
         self.rows = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
         self.num_rows = len(dataset)
+        codes, patients = factorize([str(key) for key in table[PATIENT_COLUMN].to_pylist()])
+        self.patient_codes = torch.as_tensor(codes, dtype=torch.long)  # (N,) the split's patient of each row
+        self.num_patients = len(patients)
 
-    def batch(self, indices: Sequence[int], patient_ids: Sequence) -> dict[str, torch.Tensor]:
-        """The processor's five metadata tensors of the rows `indices` (dataset positions) of patients `patient_ids`."""
-        from modeling_slimp.schema_slimp import factorize
-
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The processor's five metadata tensors of the rows `indices` (dataset positions): the rows gathered, and
+        their patients (`patient_codes`) renumbered 0 .. P-1 in order of first appearance, as the processor does."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        codes, patients = factorize([str(key) for key in patient_ids])
+        codes = self.patient_codes[index]  # (n,) split-wide
+        patients, inverse = torch.unique(codes, return_inverse=True)  # sorted
+        first = torch.full((len(patients),), len(codes)).scatter_reduce(0, inverse, torch.arange(len(codes)), "amin")
+        rank = torch.empty_like(first)
+        rank[torch.argsort(first)] = torch.arange(len(patients))  # sorted position -> order of first appearance
         rows = {key: value.index_select(0, index) for key, value in self.rows.items()}
-        return self.processor.group_patients(rows, torch.as_tensor(codes, dtype=torch.long), len(patients))
+        return self.processor.group_patients(rows, rank[inverse], len(patients))
 
 
 class BatchTransform:

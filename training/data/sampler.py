@@ -1,4 +1,5 @@
-"""Patient-grouped batch sampler for SLIMP pre-training.
+"""Batches of whole patients: the pre-training sampler (`PatientBatchSampler`) and the evaluation batches
+(`patient_batches`).
 
 Each batch holds up to P distinct patients with up to K lesions each (ragged), so that the outer,
 patient-level contrastive loss sees whole patients and the inner, lesion-level loss sees their lesions.
@@ -301,3 +302,28 @@ class PatientBatchSampler(Sampler[list[int]]):
         order = order[np.lexsort((chunk_slot[chunks.chunk[order]], entry_batch[order]))]
         counts = np.bincount(entry_batch[order], minlength=len(sizes))
         return chunks.rows[order], np.concatenate([[0], np.cumsum(counts)])
+
+
+def patient_batches(patient_codes, batch_size: int) -> list[list[int]]:
+    """Evaluation batches: row indices packed into batches of at most `batch_size` rows without splitting a
+    patient (a patient with more rows than that is split into consecutive batches of its own), patients in the
+    order of their codes, rows in order. `patient_codes` (N,): each row's patient, numbered 0 .. P-1 (e.g.
+    `EncodedMetadata.patient_codes`)."""
+    codes = np.asarray(patient_codes)
+    order = np.argsort(codes, kind="stable")  # grouped by patient, rows in order within each
+    starts = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1]]) if len(codes) else np.zeros(0, int)
+    batches, current = [], []
+    for rows in np.split(order, starts[1:]) if len(codes) else []:
+        rows = rows.tolist()
+        if current and len(current) + len(rows) > batch_size:
+            batches.append(current)
+            current = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                batches.append(current)
+                current = []
+            current.extend(chunk)
+    if current:
+        batches.append(current)
+    return batches
