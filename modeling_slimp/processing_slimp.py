@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -156,8 +155,8 @@ class SLIMPProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         """Write `processor_config.json` (with the `auto_map` of AutoProcessor), `preprocessor_config.json`
-        (the built-in image processor), the code files, and `config.json` (the schema) unless a model put
-        one there. An existing `config.json` must hold the same metadata schema: a mismatch raises instead
+        (the built-in image processor), the code files (transformers copies this file and what it imports, as
+        for the model), and `config.json` (the schema) unless a model put one there. An existing `config.json` must hold the same metadata schema: a mismatch raises instead
         of leaving a processor and a model that disagree."""
         os.makedirs(save_directory, exist_ok=True)
         config_file = os.path.join(save_directory, "config.json")
@@ -174,10 +173,6 @@ class SLIMPProcessor(ProcessorMixin):
         # built-in one and its preprocessor_config.json must stay loadable without custom code.
         self.image_processor.__dict__.pop("auto_map", None)
         self.image_processor.save_pretrained(save_directory)
-        # The code travels with the folder, as the model's does, for users without this package.
-        here = os.path.dirname(os.path.abspath(__file__))
-        for name in ("processing_slimp.py", "metadata_columns.py", "configuration_slimp.py", "schema_slimp.py"):
-            shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
         if not os.path.exists(config_file):
             self.config.save_pretrained(save_directory)
         return files

@@ -14,11 +14,12 @@ unless the run accepts an inexact resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
+
+from training.safety import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +30,6 @@ RNG_PREFIX = "random_states_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: names the folder, the file and what is wrong with it."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
@@ -70,7 +63,7 @@ def damaged_files(directory: Path) -> dict[str, str]:
 
 
 def checkpoint_dirs(checkpoint_dir: str | Path) -> list[Path]:
-    """Completed checkpoints (with `trainer_state.json` and a manifest), oldest first."""
+    """Completed checkpoints of pretrain.py (with `trainer_state.json` and a manifest), oldest first."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
@@ -78,8 +71,30 @@ def checkpoint_dirs(checkpoint_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: p.name)
 
 
+def trainer_checkpoint_dirs(checkpoint_dir: str | Path) -> list[Path]:
+    """`transformers.Trainer`'s checkpoints (`checkpoint-STEP`, finetune.py), oldest first."""
+    return sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def newest_intact(candidates: list[Path], checkpoint_dir: str | Path, ignore_prefix: str | None = None) -> Path | None:
+    """The newest of `candidates` (oldest first) whose files match its manifest (files named `ignore_prefix*`
+    not checked), warning about each damaged one it skips; None when there is none yet. Raises CheckpointError
+    when there are checkpoints but none is intact."""
+    for candidate in reversed(candidates):
+        problems = {k: v for k, v in damaged_files(candidate).items() if not (ignore_prefix and k.startswith(ignore_prefix))}
+        if not problems:
+            return candidate
+        logger.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate,
+                       "; ".join(f"{name}: {why}" for name, why in problems.items()))
+    if candidates:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir}: every one has damaged files (see the warnings)")
+    logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", checkpoint_dir)
+    return None
+
+
 def find_checkpoint(checkpoint_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """None, the newest intact checkpoint for "latest" (None if there is none yet), or a given folder.
+    """pretrain.py's resume: None, the newest intact checkpoint for "latest" (None if there is none yet; its
+    random-number state is checked at load, `load_checkpoint`), or a given folder.
 
     Raises CheckpointError when "latest" finds checkpoints but none is intact, or a given folder is not
     a complete checkpoint.
@@ -87,21 +102,25 @@ def find_checkpoint(checkpoint_dir: str | Path, resume_from_checkpoint: str | No
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(checkpoint_dir)
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", checkpoint_dir)
-            return None
-        for candidate in reversed(found):
-            problems = {k: v for k, v in damaged_files(candidate).items() if not k.startswith(RNG_PREFIX)}
-            if not problems:
-                return candidate
-            logger.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate,
-                           "; ".join(f"{name}: {why}" for name, why in problems.items()))
-        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir}: every one has damaged files (see the warnings)")
+        return newest_intact(checkpoint_dirs(checkpoint_dir), checkpoint_dir, ignore_prefix=RNG_PREFIX)
     path = Path(resume_from_checkpoint)
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE} in it)")
     return path
+
+
+def find_trainer_checkpoint(checkpoint_dir: str, resume: str | bool | None) -> str | None:
+    """finetune.py's resume, as Trainer's `resume_from_checkpoint`: None, the newest intact checkpoint for
+    "latest"/True (`newest_intact`), or a given folder, refused when it is damaged."""
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if resume not in (True, "latest", "true", "True"):
+        problems = damaged_files(Path(resume))
+        if problems:
+            raise CheckpointError(f"checkpoint {resume} is damaged: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+        return str(resume)
+    found = newest_intact(trainer_checkpoint_dirs(checkpoint_dir), checkpoint_dir)
+    return str(found) if found is not None else None
 
 
 def check_geometry(saved: dict | None, current: dict, directory: Path, allow_inexact_resume: bool) -> None:
@@ -174,5 +193,6 @@ def rotate_checkpoints(checkpoints: list[Path], limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "checkpoint_dirs", "find_checkpoint", "check_geometry", "load_checkpoint", "save_checkpoint",
+__all__ = ["CheckpointError", "checkpoint_dirs", "trainer_checkpoint_dirs", "newest_intact", "find_checkpoint",
+           "find_trainer_checkpoint", "check_geometry", "load_checkpoint", "save_checkpoint",
            "rotate_checkpoints", "damaged_files", "write_manifest"]

@@ -63,7 +63,7 @@ from modeling_slimp.configuration_slimp import (
     DEFAULT_CLASSIFIER_REPRESENTATION,
 )
 from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
-from training.checkpointing import CheckpointError, damaged_files, write_manifest
+from training.checkpointing import CheckpointError, find_trainer_checkpoint, write_manifest
 from training.data.collate import BatchTransform, SLIMPCollator
 from training.data.dataset import class_counts, column_list, load_slimp_dataset
 from training.embeddings import predict_images_only, predict_split
@@ -394,29 +394,6 @@ class SLIMPTrainer(Trainer):
         return metrics
 
 
-def resolve_resume(checkpoint_dir: str, resume: str | bool | None) -> str | None:
-    """Trainer's `resume_from_checkpoint`, with the newest *intact* checkpoint for "latest"/True (each checked
-    against its sha256 manifest; a damaged one is skipped with a warning naming it)."""
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume not in (True, "latest", "true", "True"):
-        problems = damaged_files(Path(resume))
-        if problems:
-            raise CheckpointError(f"checkpoint {resume} is damaged: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
-        return str(resume)
-    found = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for candidate in reversed(found):
-        problems = damaged_files(candidate)
-        if not problems:
-            return str(candidate)
-        logger.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate,
-                       "; ".join(f"{k}: {v}" for k, v in problems.items()))
-    if found:
-        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir} (see the warnings)")
-    logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", checkpoint_dir)
-    return None
-
-
 # ----- saving -----
 def save_outputs(model: nn.Module, processor: SLIMPProcessor, model_args: ModelArguments, data_args: DataArguments,
                  args: FinetuneTrainingArguments, schema: dict, results: dict) -> nn.Module:
@@ -496,7 +473,7 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
             eval_dataset=validation_split, data_collator=collator, processing_class=processor,
             callbacks=[EpochCallback(collator)], eval_collator=eval_collator, eval_batch_size=data_args.eval_batch_size,
             positive=positive)
-        trainer.train(resume_from_checkpoint=resolve_resume(args.checkpoint_dir, args.resume_from_checkpoint))
+        trainer.train(resume_from_checkpoint=find_trainer_checkpoint(args.checkpoint_dir, args.resume_from_checkpoint))
         history, is_main = trainer.state.log_history, trainer.is_world_process_zero()
         model = trainer.accelerator.unwrap_model(trainer.model)
     result: dict = {"history": history}

@@ -10,12 +10,14 @@
 - `check_apart`: an output that equals, holds or lies inside an input (a dataset, a CSV, an image folder,
   a checkpoint) is refused, so no run writes into, or deletes, its own inputs.
 - `disk_error`: a full disk, a read-only or forbidden output as one line naming the path.
+- `file_sha256`: the content hash of a file (checkpoint manifests, the converter's input fingerprints).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, read in 1 MiB blocks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 LOCK_SUFFIX = ".lock"
 MARKER = ".slimp-output.json"
@@ -221,5 +232,5 @@ def disk_error(error: BaseException) -> str | None:
     return f"{where}: {DISK_ERRORS[error.errno]}; {hint} and run the same command again (finished work is kept)"
 
 
-__all__ = ["OutputError", "FolderInUse", "FolderLock", "locked", "MARKER", "write_marker", "marker_kind", "is_empty",
+__all__ = ["file_sha256", "OutputError", "FolderInUse", "FolderLock", "locked", "MARKER", "write_marker", "marker_kind", "is_empty",
            "check_replaceable", "check_writable_release", "relation", "check_apart", "disk_error"]

@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from modeling_slimp import SLIMPProcessor
-from modeling_slimp.processing_slimp import to_rgb
+from modeling_slimp.processing_slimp import load_image
 from modeling_slimp.schema_slimp import PATIENT_COLUMN, factorize
 
 from .augment import AugmentationConfig, augment, draw_parameters
@@ -49,27 +48,15 @@ SSL_PARAMETERS = "ssl_augment_parameters"  # the second view's
 
 
 def decode_image(value: Any, image_id: Any, size: tuple[int, int]) -> np.ndarray:
-    """A dataset's image value (PIL image, ``{"bytes", "path"}`` dict, bytes or path) -> (H, W, 3) uint8 RGB
-    at `size` (height, width), resized bilinearly as the processor's image processor does.
+    """A dataset's image value (PIL image, ``{"bytes", "path"}`` dict, bytes or path: anything the processor's
+    `load_image` reads) -> (H, W, 3) uint8 RGB at `size` (height, width), resized bilinearly as the processor's
+    image processor does.
 
     Raises:
         ValueError: naming `image_id` when the image cannot be decoded.
     """
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            image = Image.open(value["path"])
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            image = Image.open(value)
-        else:
-            raise TypeError(f"unsupported image value of type {type(value).__name__}")
-        image.load()  # PIL decodes lazily: force it here so the error names the image
-        image = to_rgb(image)
+        image = load_image(value)
     except Exception as error:
         raise ValueError(f"cannot decode the image of image_id={image_id!r}: {error}") from error
     if image.size != (size[1], size[0]):

@@ -57,11 +57,11 @@ from typing import Optional
 
 import datasets
 
-from ..safety import OutputError, check_apart, check_replaceable, disk_error, is_empty, locked, write_marker
+from ..safety import OutputError, check_apart, check_replaceable, disk_error, file_sha256, is_empty, locked, write_marker
 from .dataset_card import dataset_card, push_dataset_to_hub
 from .rows import (FORMAT_VERSION, SPLITS, DataError, FaultLog, check_splits, id_warnings, plan_columns, read_keys,
                    select_rows, split_patients, split_rows)
-from .shards import DONE, build_splits, file_digest, images_digest, split_counts, write_buckets
+from .shards import DONE, build_splits, images_digest, split_counts, write_buckets
 from .sources import SOURCES, InputError, SourceSpec, duplicate_columns, open_image_store
 from .synthetic import add_generator_arguments
 
@@ -76,7 +76,7 @@ def run_fingerprint(args: argparse.Namespace) -> str:
                                                    "image_check", "max_shard_size", "label", "patients",
                                                    "image_size") if hasattr(args, key)}
     if args.source != "synthetic":
-        options |= {"metadata": file_digest(Path(args.metadata)) if Path(args.metadata).is_file() else None,
+        options |= {"metadata": file_sha256(Path(args.metadata)) if Path(args.metadata).is_file() else None,
                     "images": images_digest([p for p in args.images if Path(p).exists()])}
     options["format_version"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()

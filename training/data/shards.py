@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from ..safety import file_sha256
 from .rows import CSV_CHUNK_ROWS, SPLITS, ColumnPlan, FaultLog, clean_text
 from .sources import (AmbiguousImage, MissingImage, SourceSpec, UnreadableImage, check_image, open_image_store,
                       read_metadata, to_float)
@@ -159,7 +160,7 @@ class ShardWriter:
             name = f"data-{index:05d}-of-{len(self.shards):05d}.arrow"
             shard.rename(self.folder / name)
             names.append(name)
-        digest = hashlib.sha256("".join(file_digest(self.folder / name) for name in names).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("".join(file_sha256(self.folder / name) for name in names).encode()).hexdigest()[:16]
         state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": digest, "_format_columns": None,
                  "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
         (self.folder / "state.json").write_text(json.dumps(state, indent=2))
@@ -224,14 +225,6 @@ def split_counts(folder: Path, label_names: list[str]) -> dict:
             "labels": {name: int(counts[i]) for i, name in enumerate(label_names)}}
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def images_digest(paths: list) -> str:
     """sha256 over every image file's relative path and content (an HDF5 file: its content): an image fixed
     in place changes it, so a resumed run never reuses a split built from the old one."""
@@ -240,7 +233,7 @@ def images_digest(paths: list) -> str:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
             digest.update(str(path.relative_to(root) if path != root else path.name).encode())
-            digest.update(file_digest(path).encode())
+            digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
