@@ -47,11 +47,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -63,18 +63,64 @@ from .rows import (FORMAT_VERSION, SPLITS, DataError, FaultLog, check_splits, id
                    select_rows, split_patients, split_rows)
 from .shards import DONE, build_splits, images_digest, split_counts, write_buckets
 from .sources import SOURCES, InputError, SourceSpec, duplicate_columns, open_image_store
-from .synthetic import add_generator_arguments
+from .synthetic import LESIONS_PER_PATIENT_MEDIAN, MALIGNANT_PATIENT_SHARE, add_generator_arguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "cli", "convert", "build_parser", "DataError", "split_patients"]
+__all__ = ["ConvertArguments", "main", "run", "cli", "convert", "build_parser", "DataError", "split_patients"]
 
 
-def run_fingerprint(args: argparse.Namespace) -> str:
+@dataclass
+class ConvertArguments:
+    """One conversion, as typed arguments (the command line's options, `build_parser`, with `_` for `-`):
+
+        convert.run(ConvertArguments("synthetic", "data/synthetic", patients=250, seed=0))
+        convert.run(ConvertArguments("isic2024", "data/isic2024", metadata="train-metadata.csv",
+                                     images=["train-image.hdf5"]))
+
+    `metadata` and `images` are the inputs of every source but `synthetic`; `label` is the ISIC Archive's label
+    column; `patients`, `image_size`, `malignant_patient_share` and `lesions_per_patient` configure `synthetic`.
+    """
+
+    source: str
+    output_dir: str
+    metadata: Optional[str] = None
+    images: list[str] = field(default_factory=list)
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    strict: bool = False
+    overwrite: bool = False
+    restart: bool = False
+    work_dir: Optional[str] = None
+    image_check: str = "decode"
+    max_shard_size: str = "500MB"
+    push_to_hub: Optional[str] = None
+    private: bool = False
+    label: str = "benign_malignant"
+    patients: Optional[int] = None
+    image_size: int = 128
+    malignant_patient_share: float = MALIGNANT_PATIENT_SHARE
+    lesions_per_patient: float = LESIONS_PER_PATIENT_MEDIAN
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {sorted(SOURCES)}, got '{self.source}'")
+        if not (0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.validation_fraction + self.test_fraction < 1):
+            raise ValueError("validation_fraction and test_fraction must be in [0, 1) and add up to less than 1, got "
+                             f"{self.validation_fraction} and {self.test_fraction}")
+        if self.source == "synthetic" and not self.patients:
+            raise ValueError("the synthetic source needs `patients`")
+        if self.source != "synthetic" and (not self.metadata or not self.images):
+            raise ValueError(f"the {self.source} source needs `metadata` (the CSV) and `images`")
+
+
+def run_fingerprint(args: ConvertArguments) -> str:
     """Identifies inputs (by content) and options, so that a resumed run only reuses splits built from the same ones."""
-    options = {key: getattr(args, key) for key in ("source", "validation_fraction", "test_fraction", "seed",
-                                                   "image_check", "max_shard_size", "label", "patients",
-                                                   "image_size") if hasattr(args, key)}
+    keys = ["source", "validation_fraction", "test_fraction", "seed", "image_check", "max_shard_size"]
+    keys += {"isic-archive": ["label"], "synthetic": ["patients", "image_size"]}.get(args.source, [])
+    options = {key: getattr(args, key) for key in keys}
     if args.source != "synthetic":
         options |= {"metadata": file_sha256(Path(args.metadata)) if Path(args.metadata).is_file() else None,
                     "images": images_digest([p for p in args.images if Path(p).exists()])}
@@ -82,7 +128,7 @@ def run_fingerprint(args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_paths(args: argparse.Namespace) -> dict[str, Path]:
+def input_paths(args: ConvertArguments) -> dict[str, Path]:
     """{description: path} of the files and folders the conversion reads (none for `synthetic`)."""
     if args.source == "synthetic":
         return {}
@@ -99,7 +145,7 @@ def input_stamp(paths: dict[str, Path]) -> list[tuple]:
     return stamp
 
 
-def check_folders(args: argparse.Namespace, out: Path, work: Path) -> None:
+def check_folders(args: ConvertArguments, out: Path, work: Path) -> None:
     """An output or work folder never is, holds or lies inside an input, nor each other; a non-empty OUT is
     replaced only with --overwrite, and only when it is a dataset this converter wrote (its marker)."""
     inputs = input_paths(args)
@@ -129,14 +175,14 @@ def open_work_dir(work: Path, fingerprint: str, restart: bool) -> None:
     plan_file.write_text(json.dumps({"fingerprint": fingerprint}))
 
 
-def source_spec(args: argparse.Namespace) -> SourceSpec:
+def source_spec(args: ConvertArguments) -> SourceSpec:
     spec = SOURCES[args.source]
     if args.source == "isic-archive" and args.label != spec.label_column:
         spec = dataclasses.replace(spec, label_column=args.label, label_names=None, label_map=None)
     return spec
 
 
-def resolve_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, list[Path]]:
+def resolve_inputs(args: ConvertArguments, work: Path) -> tuple[Path, list[Path]]:
     """The metadata CSV and image store paths (for `synthetic`, generated into `work` once)."""
     if args.source != "synthetic":
         return Path(args.metadata), [Path(p) for p in args.images]
@@ -182,7 +228,7 @@ def publish(work: Path, out: Path) -> None:
         old.unlink()
 
 
-def convert(args: argparse.Namespace) -> dict:
+def convert(args: ConvertArguments) -> dict:
     """The whole conversion, holding the locks of OUT and the work folder; returns the summary (also written
     to OUT/summary.json)."""
     out = Path(args.output_dir)
@@ -201,7 +247,7 @@ def convert(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _convert(args: argparse.Namespace, spec: SourceSpec, out: Path, work: Path) -> dict:
+def _convert(args: ConvertArguments, spec: SourceSpec, out: Path, work: Path) -> dict:
     inputs = input_paths(args)
     stamp = input_stamp(inputs)
     fingerprint = run_fingerprint(args)
@@ -216,10 +262,11 @@ def _convert(args: argparse.Namespace, spec: SourceSpec, out: Path, work: Path) 
             raise DataError(f"{metadata_path}: no row has an id, a patient and a known label; nothing to convert "
                             f"({len(faults.entries)} rows excluded, see the warnings)")
         warnings = duplicate_column_warnings(metadata_path) + id_warnings(keys, spec, kept)
-        split = split_rows(patient_codes, labels, patient_names, args)
+        split = split_rows(patient_codes, labels, patient_names, args.validation_fraction, args.test_fraction, args.seed)
         buckets = write_buckets(metadata_path, spec, plan, kept, split, patient_codes, labels, patient_names, keys.ids,
                                 faults, work, keys.spellings)
-        split_faults = build_splits(buckets, plan.features(label_names), image_paths, args, work, fingerprint)
+        split_faults = build_splits(buckets, plan.features(label_names), image_paths, work, fingerprint, strict=args.strict,
+                                    image_check=args.image_check, max_shard_size=args.max_shard_size)
     except BaseException:
         if not any(work.glob(f"*/{DONE}")) and not (work / "source" / "done").is_file():
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming from
@@ -304,11 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    """Parses `argv`, converts, prints a short summary and returns the summary dict."""
+    """The command line: parses `argv` into `ConvertArguments` and `run`s them."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.validation_fraction + args.test_fraction >= 1.0:
+    options = parser.parse_args(argv)
+    if options.validation_fraction + options.test_fraction >= 1.0:
         parser.error("--validation-fraction + --test-fraction must be below 1")
+    return run(ConvertArguments(**vars(options)))
+
+
+def run(args: ConvertArguments) -> dict:
+    """Converts, prints a short summary and returns the summary dict (also in OUT/summary.json)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = convert(args)
     for name, counts in summary["splits"].items():

@@ -8,7 +8,6 @@ output columns are planned from the header (`ColumnPlan`); patients are split, s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from collections import Counter
@@ -291,11 +290,11 @@ def _quota(patients: int, fraction: float) -> int:
     return int(np.floor(patients * fraction + 0.5))
 
 
-def split_rows(patient_codes: np.ndarray, labels: np.ndarray, patient_names: list[str], args: argparse.Namespace
-               ) -> np.ndarray:
+def split_rows(patient_codes: np.ndarray, labels: np.ndarray, patient_names: list[str], validation_fraction: float,
+               test_fraction: float, seed: int) -> np.ndarray:
     """(K,) split index (into SPLITS) of each kept row (`split_patients`)."""
     table = pd.DataFrame({"patient_id": np.asarray(patient_names, dtype=object)[patient_codes], "label": labels})
-    split = split_patients(table, args.validation_fraction, args.test_fraction, args.seed)
+    split = split_patients(table, validation_fraction, test_fraction, seed)
     return split.map({name: i for i, name in enumerate(SPLITS)}).to_numpy(dtype=np.int8)
 
 

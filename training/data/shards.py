@@ -9,7 +9,6 @@ into place) with the rows excluded on the way and the fingerprint of the run tha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -169,16 +168,17 @@ class ShardWriter:
         return self.rows
 
 
-def build_split(name: str, buckets: list[Path], features: datasets.Features, image_paths: list[Path],
-                args: argparse.Namespace, work: Path, fingerprint: str) -> list[dict]:
+def build_split(name: str, buckets: list[Path], features: datasets.Features, image_paths: list[Path], work: Path,
+                fingerprint: str, strict: bool = False, image_check: str = "decode", max_shard_size: str = "500MB") -> list[dict]:
     """Writes `work/<name>` (a saved `datasets.Dataset`, patient-contiguous) from its bucket files and the
     image store; returns the rows excluded on the way. The `done` marker (with the run's `fingerprint`) is
-    written before the rename that publishes the split, so no interruption leaves a split folder without it."""
-    faults = FaultLog(args.strict)
+    written before the rename that publishes the split, so no interruption leaves a split folder without it.
+    `strict`, `image_check` and `max_shard_size` are the converter's options of those names."""
+    faults = FaultLog(strict)
     partial = work / f"{name}.tmp"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(work / name, ignore_errors=True)  # a split folder without its done marker is unfinished
-    writer = ShardWriter(partial, features, parse_size(args.max_shard_size))
+    writer = ShardWriter(partial, features, parse_size(max_shard_size))
     schema = writer.schema
     with open_image_store(image_paths) as store, tqdm(desc=name, unit="img") as bar:
         for path in buckets:
@@ -188,7 +188,7 @@ def build_split(name: str, buckets: list[Path], features: datasets.Features, ima
                 batch, batch_bytes = [], 0
                 for record in table.slice(start, BATCH_ROWS).to_pylist():
                     bar.update()
-                    record["image"] = read_image(store, record["image_id"], faults, args.image_check)
+                    record["image"] = read_image(store, record["image_id"], faults, image_check)
                     if record["image"] is not None:
                         batch.append(record)
                         batch_bytes += len(record["image"])
@@ -237,10 +237,10 @@ def images_digest(paths: list) -> str:
     return digest.hexdigest()
 
 
-def build_splits(buckets: dict[str, list[Path]], features: datasets.Features, image_paths: list[Path],
-                 args: argparse.Namespace, work: Path, fingerprint: str) -> list[dict]:
+def build_splits(buckets: dict[str, list[Path]], features: datasets.Features, image_paths: list[Path], work: Path,
+                 fingerprint: str, strict: bool = False, image_check: str = "decode", max_shard_size: str = "500MB") -> list[dict]:
     """Builds each split not already finished in `work` by a run of the same `fingerprint` (inputs and
-    options); returns the rows excluded while reading images."""
+    options); returns the rows excluded while reading images. `strict`, `image_check`, `max_shard_size`: `build_split`'s."""
     excluded = []
     for name in SPLITS:
         done = work / name / DONE
@@ -249,5 +249,6 @@ def build_splits(buckets: dict[str, list[Path]], features: datasets.Features, im
             logger.info("%s: already built in %s, skipped", name, work / name)
             excluded += marker["excluded"]
         else:
-            excluded += build_split(name, buckets[name], features, image_paths, args, work, fingerprint)
+            excluded += build_split(name, buckets[name], features, image_paths, work, fingerprint, strict, image_check,
+                                    max_shard_size)
     return excluded
