@@ -168,7 +168,7 @@ def training_step(model_size: str, vision_model_type: str, schema: dict, train_s
 def loader_section(args: DataBenchArguments, dataset_dir: str) -> dict:
     import torch
 
-    from training.data.collate import SLIMPCollator
+    from training.data.collate import DecodingCollator
     from training.data.dataset import load_slimp_dataset
     from training.data.sampler import PatientBatchSampler
 
@@ -182,7 +182,7 @@ def loader_section(args: DataBenchArguments, dataset_dir: str) -> dict:
                                    seed=args.seed)
 
     def collator():
-        return SLIMPCollator(processor, train=True, seed=args.seed)
+        return DecodingCollator(processor, train=True, seed=args.seed)
 
     warm_collator = collator()
     ready = [warm_collator([train_split[i] for i in rows]) for rows in list(iter(sampler()))[: max(4, args.batches)]]
@@ -282,7 +282,7 @@ def worker_section(args: DataBenchArguments, dataset_dir: str) -> dict:
     from transformers import ViTImageProcessorPil
 
     from modeling_slimp import SLIMPProcessor
-    from training.data.collate import BatchTransform, ColumnBatches, SLIMPCollator
+    from training.data.collate import BatchTransform, ColumnBatches, DecodingCollator
     from training.data.dataset import load_slimp_dataset
     from training.data.sampler import PatientBatchSampler
     from training.presets import build_slimp_config
@@ -298,7 +298,7 @@ def worker_section(args: DataBenchArguments, dataset_dir: str) -> dict:
     for resolution in args.worker_resolutions:
         config = build_slimp_config(schema, train_split, "small" if resolution >= 128 else "tiny", image_size=resolution)
         processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": resolution, "width": resolution}), config)
-        new, transform = SLIMPCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
+        new, transform = DecodingCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
         collated = [new(table.__getitems__(b)) for b in batches]
         times = alternate({"now": lambda: [new(table.__getitems__(b)) for b in batches],
                            "now_device_half_on_cpu": lambda: [transform(b) for b in collated]}, args.rounds)
@@ -319,7 +319,7 @@ def release_section(args: DataBenchArguments, dataset_dir: str, workers: dict) -
     from transformers import ViTImageProcessorPil
 
     from modeling_slimp import SLIMPModel, SLIMPProcessor
-    from training.data.collate import BatchTransform, SLIMPCollator
+    from training.data.collate import BatchTransform, DecodingCollator
     from training.data.dataset import load_slimp_dataset
     from training.data.sampler import PatientBatchSampler
     from training.presets import build_slimp_config
@@ -332,7 +332,7 @@ def release_section(args: DataBenchArguments, dataset_dir: str, workers: dict) -
     model = SLIMPModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": resolution, "width": resolution}), config)
-    collator, transform = SLIMPCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
+    collator, transform = DecodingCollator(processor, train=True, seed=args.seed), BatchTransform(processor)
     per_patient = max(1, args.release_batch // 4)
     indices = next(iter(PatientBatchSampler(train_split["patient_id"], 4, per_patient, seed=args.seed)))
     batch = transform(collator([train_split[i] for i in indices]))

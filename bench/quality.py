@@ -163,18 +163,15 @@ def pretrain_argv(args: QualityArguments, variant: str, dataset_dir: str, model_
 
 def initial_model(args: QualityArguments, dataset_dir: str, seed: int, variant: str = "random"):
     """The model pretrain.py starts from at this seed (and its processor), untouched."""
-    from accelerate.utils import set_seed
-
     from training.data.dataset import load_slimp_dataset
-    from training.pretrain import build_model, build_processor, parse_args
+    from training.presets import build_processor, model_arguments, seeded_model
 
     argv = pretrain_argv(args, variant if VARIANTS[variant][0] else "slimp_mean", dataset_dir, Path("unused"), seed)
-    _, model_args, _ = parse_args(argv)
+    model_args = model_arguments(argv)
     if VARIANTS[variant][0] is None:  # the random variant: the pre-training arguments of SLIMP, never trained
         model_args.lesion_loss_weight, model_args.image_ssl_weight = 0.5, 0.0
-    set_seed(seed)  # as pretrain.main does before building its model
     train_split, schema = load_slimp_dataset(dataset_dir, "train")
-    model = build_model(model_args, schema, train_split)
+    model = seeded_model(model_args, schema, train_split, seed)  # seeded and built as pretrain.py does
     return model, build_processor(model, model_args)
 
 
@@ -200,10 +197,10 @@ def checkpoints_of(args: QualityArguments, variant: str, dataset_dir: str, run_d
 def evaluate_checkpoint(model, processor, splits: dict, label_names: list[str], args: QualityArguments, draws: list[int],
                         tabular: dict | None) -> tuple[dict, dict]:
     """Every number of one checkpoint: probes (both representations), k-shot, retrieval, recipe + features."""
-    from training.data.collate import SLIMPCollator
+    from training.data.collate import DecodingCollator
     from training.embeddings import embed_split
 
-    collator = SLIMPCollator(processor, train=False)
+    collator = DecodingCollator(processor, train=False)
     features = {name: embed_split(model, split, collator) for name, split in splits.items()}
     metrics, skipped = {}, []
     image_probe_scores = {}

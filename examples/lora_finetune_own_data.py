@@ -38,7 +38,7 @@ import pandas as pd
 
 from modeling_slimp import SLIMPConfig
 from training import finetune
-from training.data.convert import split_patients
+from training.data.rows import split_patients
 from training.labels import LabelError, binary_label_order, describe, positive_class
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -23,7 +23,7 @@ import numpy as np
 
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
-from training.data.collate import SLIMPCollator
+from training.data.collate import DecodingCollator
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model = SLIMPModel.from_pretrained(args.model_dir).eval()
-    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
+    collator = DecodingCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
     index, schema = load_slimp_dataset(args.dataset_dir, args.index_split)
     label_names = schema["label"]["names"]
     index_vectors = lesion_vectors(embed_split(model, index, collator))

@@ -1,15 +1,14 @@
-"""Fine-tune SLIMP with `transformers.Trainer` and the library alone (no `training/` import), then score a
-lesion with `pipeline`.
+"""Fine-tune SLIMP with a plain `transformers.Trainer`, then score a lesion with `pipeline`.
 
     python examples/trainer_finetune.py --model_dir outputs/slimp-synthetic --dataset_dir data/synthetic \
         --output_dir outputs/slimp-trainer --max_steps 50
 
 What a Trainer user needs to know, in code below:
-- `PatientChunks` makes each Trainer item one patient (or a near-equal chunk of a large one), so a batch of
+- `PatientChunks` (`training/data/sampler.py`) makes each Trainer item one patient (or a near-equal chunk of a large one), so a batch of
   `per_device_train_batch_size` items holds whole patients and each lesion's patient context compares it
   with its own patient's other lesions. (With a plain `datasets.Dataset`, pass `remove_unused_columns=False`:
   Trainer would otherwise drop the image and metadata columns before the collator sees them.)
-- `SLIMPDataCollator(processor)` turns rows into model inputs with `labels`.
+- `SLIMPDataCollator(processor)` (`training/data/collate.py`) turns rows into model inputs with `labels`.
 - The loss is divided by Trainer's `num_items_in_batch`, so gradient accumulation equals the large batch.
 - `processing_class=processor` makes `save_model` write a folder that `pipeline(...)` loads.
 """
@@ -26,8 +25,10 @@ import torch
 from transformers import Trainer, TrainingArguments, pipeline
 
 import modeling_slimp  # noqa: F401  (registers the SLIMP classes with the Auto* factories)
-from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
 from modeling_slimp.configuration_slimp import DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION
+from training.data.collate import SLIMPDataCollator
+from training.data.sampler import PatientChunks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     config.classifier_features, config.classifier_representation = DEFAULT_CLASSIFIER_FEATURES, DEFAULT_CLASSIFIER_REPRESENTATION
     config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir, config=config)
-    processor = SLIMPProcessor.from_pretrained(args.model_dir)
-    processor.config = model.config  # one schema for model and processor
+    processor = SLIMPProcessor.from_pretrained(args.model_dir, config=model.config)  # the model's config owns the schema
 
     training_args = TrainingArguments(output_dir=args.output_dir + "-checkpoints", max_steps=args.max_steps,
                                       per_device_train_batch_size=args.patients_per_batch, learning_rate=1e-3,

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from .configuration_slimp import SLIMPConfig, SLIMPLesionMetadataConfig, SLIMPMetadataConfig, SLIMPPatientMetadataConfig
 from .modeling_slimp import SLIMPForLesionClassification, SLIMPModel, SLIMPOutput, SLIMPPreTrainedModel
 from .pooling import PatientSums
-from .processing_slimp import PatientChunks, SLIMPDataCollator, SLIMPProcessor
+from .processing_slimp import SLIMPProcessor
 
 AutoConfig.register(SLIMPConfig.model_type, SLIMPConfig, exist_ok=True)
 AutoConfig.register(SLIMPMetadataConfig.model_type, SLIMPMetadataConfig, exist_ok=True)
@@ -28,7 +28,5 @@ __all__ = [
     "SLIMPOutput",
     "SLIMPPreTrainedModel",
     "SLIMPProcessor",
-    "SLIMPDataCollator",
-    "PatientChunks",
     "PatientSums",
 ]

@@ -2,7 +2,7 @@
 
 No torch here: a config is data. `SLIMPMetadataConfig` is also the *metadata schema* (feature names,
 kinds, category vocabularies, normalisation statistics), fitted on the training split by
-`SLIMPProcessor.fit_metadata_schema` and stored once, in `config.json`, where both the model and the
+`training.data.metadata_schema.fit_metadata_schema` and stored once, in `config.json`, where both the model and the
 processor read it.
 """
 

@@ -1,4 +1,4 @@
-"""SLIMPProcessor: images + raw metadata rows -> the model's batch; schema fitting; the data collator.
+"""SLIMPProcessor: images + raw metadata rows -> the model's batch, at inference time.
 
 Rows use the dataset's own column names and category strings (ISIC: `age_approx`, `sex`,
 `anatom_site_general`, `tbp_lv_*`, ...) and carry `patient_id`. Lesions are grouped by patient: the
@@ -20,18 +20,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from transformers import AutoImageProcessor, BatchFeature, ProcessorMixin, ViTImageProcessorPil
 
 from .configuration_slimp import SLIMPConfig, SLIMPMetadataConfig
 from .metadata_columns import arrow_dictionary, as_columns, as_list, category_codes, hashable, large_arrow, number_array, row_count
-from .schema_slimp import (MIN_PATIENTS_PER_VALUE, PATIENT_COLUMN, as_category, category_key, factorize, is_missing,
-                           is_missing_id, near_equal_chunks, parse_number, rows_by_patient)
+from .schema_slimp import PATIENT_COLUMN, factorize, is_missing_id
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +176,14 @@ class SLIMPProcessor(ProcessorMixin):
         return files
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "SLIMPProcessor":
-        """The image processor of `preprocessor_config.json` and the schema of `config.json`."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, config: SLIMPConfig | None = None,
+                        **kwargs) -> "SLIMPProcessor":
+        """The image processor of `preprocessor_config.json` and the schema of `config.json`, or of `config` when
+        given: `SLIMPProcessor.from_pretrained(folder, config=model.config)` makes the model's config the one owner
+        of the schema that both read (a classifier built on a pre-trained folder, a schema replaced in memory)."""
         hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs}
         image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub)
-        config = SLIMPConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        config = config if config is not None else SLIMPConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         return cls(image_processor=image_processor, config=config)
 
     # ----- encoding -----
@@ -373,194 +374,11 @@ class SLIMPProcessor(ProcessorMixin):
                 codes[:, j] = category_codes(columns[feature], vocabulary, cache)
         return torch.from_numpy(block.astype(np.float32)), codes
 
-    # ----- schema fitting -----
-    @staticmethod
-    def fit_metadata_schema(
-        metadata,
-        lesion_numerical: Iterable[str] = (),
-        lesion_categorical: Iterable[str] = (),
-        patient_numerical: Iterable[str] = (),
-        patient_categorical: Iterable[str] = (),
-        min_category_count: int = 1,
-        lesion_tower: Mapping[str, Any] | None = None,
-        patient_tower: Mapping[str, Any] | None = None,
-        min_patients: int = MIN_PATIENTS_PER_VALUE,
-    ) -> tuple[SLIMPMetadataConfig, SLIMPMetadataConfig]:
-        """Fit the lesion and patient schemas on training rows (a DataFrame, dict of columns or list of dicts).
-
-        Numerical features get the mean and std of their usable values (lesion features over lesions,
-        patient features over patients, one value per patient); categorical features get their categories,
-        most frequent first (spellings compared by `category_key`; the most frequent spelling is kept).
-
-        Nothing fitted describes fewer than `min_patients` patients (k, 5 by default: the schema is stored
-        in every checkpoint): a category is kept only when at least k distinct patients have it (and it is
-        seen at least `min_category_count` times), and a numerical feature gets statistics only when at
-        least k distinct patients have a usable value of it. What falls short is left out of the schema,
-        with a warning listing it; rows from fewer than k patients are a ValueError. Without a `patient_id`
-        column each row counts as its own patient. A present value that is not a usable number (text, ±inf,
-        beyond ±3.4e38) is read as missing, with a warning naming its row and column.
-        `lesion_tower` / `patient_tower` hold tower sizes (hidden_size, num_hidden_layers, ...).
-        Returns `(lesion_config, patient_config)`.
-        """
-        columns = as_columns(metadata)
-        num_rows = row_count(columns)
-        wanted = [*lesion_numerical, *lesion_categorical, *patient_numerical, *patient_categorical]
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            raise ValueError(f"fit_metadata_schema: metadata has no column(s) {missing}; columns are {sorted(columns)}.")
-        keys = [str(k) for k in columns[PATIENT_COLUMN]] if PATIENT_COLUMN in columns else list(range(num_rows))
-        codes, patients = factorize(keys)
-        if len(patients) < min_patients:
-            raise ValueError(f"fit_metadata_schema: the training rows come from {len(patients)} patient(s), fewer than "
-                             f"min_patients={min_patients}: every statistic and category fitted on them would describe "
-                             "individual patients, and the schema is stored in every checkpoint. Fit on more patients.")
-        patient_columns, patient_rows = {}, {}  # one value per patient: the first present one among its rows
-        for feature in [*patient_numerical, *patient_categorical]:
-            values = as_list(columns[feature])
-            first = [next((r for r in rows if not is_missing(values[r])), None) for rows in rows_by_patient(keys)]
-            patient_columns[feature] = [None if r is None else values[r] for r in first]
-            patient_rows[feature] = first
-        fit = _TowerFit(min_patients, min_category_count)
-        lesion = fit(columns, np.asarray(codes), list(lesion_numerical), list(lesion_categorical), lesion_tower, "lesion")
-        patient = fit(patient_columns, np.arange(len(patients)), list(patient_numerical), list(patient_categorical),
-                      patient_tower, "patient", patient_rows)
-        return lesion, patient
-
 
 def _schema(config: SLIMPMetadataConfig) -> tuple:
     return (config.numerical_features, config.categorical_features, config.numerical_mean, config.numerical_std)
 
 
-class _TowerFit:
-    """One tower's schema from its columns and each entry's patient (`fit_metadata_schema`'s rules).
-
-    A feature with no usable value, or fewer than `min_patients` patients with one, is left out of the
-    schema with a warning rather than failing the fit (a column full of NaN is common)."""
-
-    def __init__(self, min_patients: int, min_count: int):
-        self.min_patients, self.min_count = min_patients, min_count
-
-    def __call__(self, columns: dict[str, Any], patient_of: np.ndarray, numerical: list[str], categorical: list[str],
-                 tower: Mapping[str, Any] | None, level: str, rows_of: dict[str, list] | None = None) -> SLIMPMetadataConfig:
-        kept_numerical, means, stds, left_out = [], [], [], []
-        for feature in numerical:
-            values, invalid = number_array(columns[feature])
-            if invalid:
-                self._warn_unusable(level, feature, columns[feature], invalid, (rows_of or {}).get(feature))
-            usable = ~np.isnan(values)
-            patients = len(np.unique(patient_of[usable]))
-            if patients < self.min_patients:
-                left_out.append(f"{feature} (usable values from {patients} patient(s))")
-                continue
-            present = values[usable].astype(np.float32).astype(np.float64)  # as the model will read them
-            std = float(present.std()) if len(present) > 1 else 1.0
-            kept_numerical.append(feature)
-            means.append(float(present.mean()))
-            stds.append(std if std > 1e-12 else 1.0)
-        vocabularies = {}
-        for feature in categorical:
-            kept, dropped = self._vocabulary(as_list(columns[feature]), patient_of)
-            if dropped:
-                left_out.append(f"{feature} categories {dropped}")
-            if kept:
-                vocabularies[feature] = kept
-            elif not dropped:
-                left_out.append(f"{feature} (no value)")
-            else:
-                left_out.append(f"{feature} (no category left)")
-        if left_out:
-            logger.warning("fit_metadata_schema (%s): left out of the schema, each needs values from %d+ distinct patients "
-                           "(and categories %d+ rows): %s", level, self.min_patients, self.min_count, "; ".join(left_out))
-        return SLIMPMetadataConfig(numerical_features=kept_numerical, categorical_features=vocabularies,
-                                   numerical_mean=means, numerical_std=stds, **dict(tower or {}))
-
-    def _vocabulary(self, values: list, patient_of: np.ndarray) -> tuple[list[str], list[str]]:
-        """(kept categories, most frequent first, ties alphabetical; dropped ones) of one column."""
-        rows: Counter = Counter()
-        spellings: dict[str, Counter] = {}
-        patients: dict[str, set] = {}
-        for value, patient in zip(values, patient_of.tolist()):
-            key = category_key(value)
-            if key is None:
-                continue
-            rows[key] += 1
-            spellings.setdefault(key, Counter())[as_category(value)] += 1
-            patients.setdefault(key, set()).add(patient)
-        name = {key: min(counts, key=lambda s: (-counts[s], s)) for key, counts in spellings.items()}
-        kept = {key for key in rows if rows[key] >= self.min_count and len(patients[key]) >= self.min_patients}
-        dropped = sorted(name[key] for key in rows if key not in kept)
-        return sorted((name[key] for key in kept), key=lambda c: (-rows[category_key(c)], c)), dropped
-
-    @staticmethod
-    def _warn_unusable(level: str, feature: str, raw, invalid: list, rows: list | None) -> None:
-        values = as_list(raw)
-        position = next(i for i, value in enumerate(values) if not parse_number(value)[1])
-        row = rows[position] if rows is not None else position
-        logger.warning("fit_metadata_schema (%s): %d value(s) of %r are not usable numbers (text, inf, or beyond "
-                       "±3.4e38), read as missing; the first in row %d: %r", level, len(invalid), feature, row,
-                       values[position])
-
-
-# ----- batches for transformers.Trainer -----
-class PatientChunks(Dataset):
-    """A dataset of whole patients: item i is the list of rows of one patient, or of one near-equal chunk
-    of at most `max_lesions_per_patient` lesions of a larger one (`schema_slimp.near_equal_chunks`).
-
-    Give it to `transformers.Trainer` with `SLIMPDataCollator` when the classifier reads the patient
-    context: a batch of `per_device_train_batch_size` items is then that many (chunks of) patients, so
-    each lesion's context compares it with its own patient's other lesions.
-
-    Args:
-        dataset: rows indexable by position (`datasets.Dataset`, list of dicts).
-        patient_ids: (N,) patient of each row (default `dataset["patient_id"]`).
-        max_lesions_per_patient: K; None keeps every patient whole.
-    """
-
-    def __init__(self, dataset, patient_ids: Sequence | None = None, max_lesions_per_patient: int | None = None):
-        self.dataset = dataset
-        if patient_ids is None:  # a datasets.Dataset: read the column through Arrow, not row by row
-            patient_ids = (dataset.with_format("arrow")[PATIENT_COLUMN].to_pylist() if hasattr(dataset, "with_format")
-                           else [row[PATIENT_COLUMN] for row in dataset])
-        patient_ids = list(patient_ids)
-        self.chunks: list[list[int]] = []
-        for rows in rows_by_patient(patient_ids):
-            self.chunks += near_equal_chunks(rows, max_lesions_per_patient) if max_lesions_per_patient else [rows]
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, index: int) -> list[dict]:
-        rows = self.chunks[index]
-        if hasattr(self.dataset, "select"):  # datasets.Dataset: one read for the chunk
-            return list(self.dataset.select(rows))
-        return [self.dataset[row] for row in rows]
-
-
-class SLIMPDataCollator:
-    """`transformers.Trainer`'s `data_collator` for SLIMP: dataset rows -> a model batch with `labels`.
-
-    Rows are dicts with the image (`image_column`), the raw metadata columns, `patient_id` and the label
-    (`label_column`, optional); items may also be lists of rows (`PatientChunks`), which are flattened.
-    With a plain `datasets.Dataset`, pass `remove_unused_columns=False` to `TrainingArguments`: Trainer
-    would otherwise drop the image and metadata columns before they reach the collator.
-
-    Returns a `BatchFeature` with the processor's keys and `labels` (N,) long when every row has a label.
-    """
-
-    def __init__(self, processor: SLIMPProcessor, image_column: str = "image", label_column: str = "label"):
-        self.processor = processor
-        self.image_column, self.label_column = image_column, label_column
-
-    def __call__(self, items: Sequence) -> BatchFeature:
-        rows = [row for item in items for row in (item if isinstance(item, (list, tuple)) else [item])]
-        images = [row[self.image_column] for row in rows]
-        metadata = [{k: v for k, v in row.items() if k != self.image_column} for row in rows]
-        batch = self.processor(images=images, metadata=metadata, return_tensors="pt")
-        if rows and all(row.get(self.label_column) is not None for row in rows):
-            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
-        return batch
-
-
 SLIMPProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["SLIMPProcessor", "SLIMPDataCollator", "PatientChunks", "to_rgb", "load_image"]
+__all__ = ["SLIMPProcessor", "to_rgb", "load_image"]

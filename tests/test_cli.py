@@ -129,7 +129,7 @@ def test_an_absent_column_is_said_once_not_by_each_worker_every_epoch(synthetic,
         import logging
         from accelerate import Accelerator
         from modeling_slimp import SLIMPProcessor
-        from training.data.collate import SLIMPCollator
+        from training.data.collate import DecodingCollator
         from training.data.dataset import load_slimp_dataset
         from training.pretrain import DataArguments, TrainArguments, build_loader
 
@@ -137,7 +137,7 @@ def test_an_absent_column_is_said_once_not_by_each_worker_every_epoch(synthetic,
         train, _ = load_slimp_dataset({synthetic.dataset_dir!r}, "train")
         train = train.remove_columns(["tbp_lv_areaMM2"])
         processor = SLIMPProcessor.from_pretrained({synthetic.checkpoint_dir!r})
-        collator = SLIMPCollator(processor, train=True)
+        collator = DecodingCollator(processor, train=True)
         data_args = DataArguments(dataset_dir="unused", num_workers=1, patients_per_batch=8, max_lesions_per_patient=4)
         sampler, loader, _ = build_loader(train, collator, data_args, TrainArguments(output_dir={str(tmp_path / 'run')!r}),
                                           Accelerator(cpu=True))

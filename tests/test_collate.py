@@ -16,7 +16,7 @@ from transformers import ViTImageProcessorPil
 from conftest import tiny_config
 from modeling_slimp import SLIMPProcessor
 from training.data.augment import PARAMETERS, AugmentationConfig, augment, color_jitter, draw_parameters, gaussian_blur
-from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, DecodingCollator
 from training.data.sampler import PatientBatchSampler
 
 SIZE = (30, 26)  # (height, width), deliberately odd and non-square
@@ -69,7 +69,7 @@ def test_eval_batch_holds_uint8_images_metadata_labels_and_patient_index(process
               lesion_image(3), lesion_image(4, (17, 17))]
     rows = [make_row(i, patient, image) for i, (patient, image) in
             enumerate(zip(["IP_B", "IP_A", "IP_B", "IP_A", "IP_B"], images))]
-    batch = SLIMPCollator(processor, train=False)(rows)
+    batch = DecodingCollator(processor, train=False)(rows)
     assert set(batch) == {"pixels", "lesion_numerical_values", "lesion_categorical_ids", "patient_index",
                           "patient_numerical_values", "patient_categorical_ids", "labels"}
     assert batch["pixels"].shape == (5, 3, *SIZE) and batch["pixels"].dtype == torch.uint8
@@ -82,7 +82,7 @@ def test_eval_batch_holds_uint8_images_metadata_labels_and_patient_index(process
 def test_eval_path_equals_the_processor(processor):
     """Decode + resize in the worker, normalise on the device == SLIMPProcessor(images) (the inference path)."""
     rows = [make_row(i, "IP_A", lesion_image(i, (48 + i, 40))) for i in range(3)]
-    inputs = BatchTransform(processor)(SLIMPCollator(processor, train=False)(rows), "cpu")
+    inputs = BatchTransform(processor)(DecodingCollator(processor, train=False)(rows), "cpu")
     expected = processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(inputs["pixel_values"], expected, rtol=0, atol=1e-5)
     assert "ssl_pixel_values" not in inputs and "pixels" not in inputs
@@ -90,10 +90,10 @@ def test_eval_path_equals_the_processor(processor):
 
 def test_train_batches_carry_parameters_that_vary_and_are_reproducible(processor):
     rows = [make_row(i, "IP_A") for i in range(4)]
-    collator = SLIMPCollator(processor, train=True)
+    collator = DecodingCollator(processor, train=True)
     first, second = collator(rows)["augment_parameters"], collator(rows)["augment_parameters"]
     assert first.shape == (4, len(PARAMETERS)) and not torch.equal(first, second)
-    seeded = [SLIMPCollator(processor, train=True, seed=3) for _ in range(2)]
+    seeded = [DecodingCollator(processor, train=True, seed=3) for _ in range(2)]
     assert torch.equal(seeded[0](rows)["augment_parameters"], seeded[1](rows)["augment_parameters"])
     inputs = BatchTransform(processor)(collator(rows), "cpu")
     values = inputs["pixel_values"]  # ViT normalisation (mean 0.5, std 0.5) maps [0, 255] to [-1, 1]
@@ -105,7 +105,7 @@ def test_seeded_augmentations_depend_only_on_seed_epoch_and_image(processor):
     """What exact resume and multi-process equivalence rely on: no hidden stream state, and an image's
     augmentation does not depend on the batch it is collated in."""
     rows = [make_row(i, "IP_A") for i in range(3)]
-    collator = SLIMPCollator(processor, train=True, seed=3)
+    collator = DecodingCollator(processor, train=True, seed=3)
     first = collator(rows)["augment_parameters"]
     collator([make_row(i, "IP_B") for i in range(5, 8)])  # another batch in between changes nothing
     assert torch.equal(collator(rows)["augment_parameters"], first)
@@ -113,24 +113,24 @@ def test_seeded_augmentations_depend_only_on_seed_epoch_and_image(processor):
     assert torch.equal(mixed[1], first[1])
     collator.set_epoch(1)
     assert not torch.allclose(collator(rows)["augment_parameters"], first)
-    assert not torch.allclose(SLIMPCollator(processor, train=True, seed=4)(rows)["augment_parameters"], first)
+    assert not torch.allclose(DecodingCollator(processor, train=True, seed=4)(rows)["augment_parameters"], first)
 
 
 def test_two_views_differ(processor):
     rows = [make_row(i, "IP_A") for i in range(3)]
-    inputs = BatchTransform(processor)(SLIMPCollator(processor, train=True, two_views=True, seed=0)(rows), "cpu")
+    inputs = BatchTransform(processor)(DecodingCollator(processor, train=True, two_views=True, seed=0)(rows), "cpu")
     assert inputs["ssl_pixel_values"].shape == inputs["pixel_values"].shape == (3, 3, *SIZE)
     assert not torch.allclose(inputs["ssl_pixel_values"], inputs["pixel_values"])
     with pytest.raises(ValueError, match="train"):
-        SLIMPCollator(processor, train=False, two_views=True)
+        DecodingCollator(processor, train=False, two_views=True)
 
 
 def test_undecodable_image_names_its_image_id(processor):
     rows = [make_row(0, "IP_A"), make_row(1, "IP_A", image={"bytes": b"not an image", "path": None})]
     with pytest.raises(ValueError, match="ISIC_0000001"):
-        SLIMPCollator(processor, train=False)(rows)
+        DecodingCollator(processor, train=False)(rows)
     rows[1]["image"] = {"bytes": png_bytes(lesion_image(1)), "path": None}  # undecoded bytes work
-    assert SLIMPCollator(processor, train=False)(rows)["pixels"].shape == (2, 3, *SIZE)
+    assert DecodingCollator(processor, train=False)(rows)["pixels"].shape == (2, 3, *SIZE)
 
 
 PATIENTS = ["IP_A"] * 5 + ["IP_B"] * 2 + ["IP_C"] * 3 + ["IP_D"]
@@ -160,7 +160,7 @@ def test_dataloader_with_workers_and_patient_sampler(processor):
     sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
 
     def run() -> list:
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=SLIMPCollator(processor, train=True, seed=1),
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=DecodingCollator(processor, train=True, seed=1),
                             num_workers=2)
         return list(loader)
 
@@ -190,7 +190,7 @@ def test_arrow_column_batches_equal_row_batches(processor, train):
     is exactly the one the list of row dicts gives, through a DataLoader with workers too."""
     dataset = small_dataset()
     sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
-    collator = SLIMPCollator(processor, train=train, seed=1)
+    collator = DecodingCollator(processor, train=train, seed=1)
     columns = list(DataLoader(ColumnBatches(dataset), batch_sampler=sampler, collate_fn=collator, num_workers=1))
     rows = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=0))
     assert len(columns) == len(rows) == len(sampler)
@@ -211,8 +211,8 @@ def test_metadata_encoded_once_equals_the_per_batch_encoding(processor):
     sampler = PatientBatchSampler(dataset["patient_id"], patients_per_batch=2, max_lesions_per_patient=3, seed=0)
     direct_processor = SLIMPProcessor(processor.image_processor, config=processor.config)
     encoded_processor = SLIMPProcessor(processor.image_processor, config=processor.config)
-    direct = SLIMPCollator(direct_processor, train=True, seed=1)
-    encoded = SLIMPCollator(encoded_processor, train=True, seed=1, encoded_metadata=EncodedMetadata(encoded_processor, dataset))
+    direct = DecodingCollator(direct_processor, train=True, seed=1)
+    encoded = DecodingCollator(encoded_processor, train=True, seed=1, encoded_metadata=EncodedMetadata(encoded_processor, dataset))
     a = list(DataLoader(ColumnBatches(dataset), batch_sampler=sampler, collate_fn=direct))
     b = list(DataLoader(ColumnBatches(dataset, columns=encoded.row_columns), batch_sampler=sampler, collate_fn=encoded,
                         num_workers=0))
@@ -289,7 +289,7 @@ def test_blur_keeps_the_mean_and_smooths():
 
 def test_batch_transform_augments_on_the_batch_device(processor):
     rows = [make_row(i, "IP_A") for i in range(2)]
-    batch = SLIMPCollator(processor, train=True, seed=0)(rows)
+    batch = DecodingCollator(processor, train=True, seed=0)(rows)
     inputs = BatchTransform(processor)(batch, torch.device("cpu"))
     expected = processor.normalize(augment(batch["pixels"], batch["augment_parameters"], SIZE))
     torch.testing.assert_close(inputs["pixel_values"], expected)

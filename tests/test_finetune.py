@@ -21,7 +21,7 @@ from _synthetic_fixtures import TRAIN_FAST, synthetic  # noqa: F401
 from conftest import tiny_config
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
 from training import finetune
-from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.collate import BatchTransform, DecodingCollator
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
 from training.metrics import classification_metrics
@@ -54,7 +54,7 @@ def lesion_batch(synthetic, folder: Path) -> dict:  # noqa: F811
     """20 lesions of the test split (several patients), through the saved folder's processor."""
     test, _ = load_slimp_dataset(synthetic.dataset_dir, "test")
     processor = SLIMPProcessor.from_pretrained(folder)
-    batch = BatchTransform(processor)(SLIMPCollator(processor, train=False)([test[i] for i in range(0, 40, 2)]))
+    batch = BatchTransform(processor)(DecodingCollator(processor, train=False)([test[i] for i in range(0, 40, 2)]))
     batch.pop("labels")
     return dict(batch)
 
@@ -200,7 +200,7 @@ def test_linear_mode_is_the_probe_on_the_same_frozen_features(synthetic):  # noq
     model_dir = Path(synthetic.classifier_dir)
     classifier = AutoModelForImageClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = SLIMPProcessor.from_pretrained(model_dir)
-    collator = SLIMPCollator(processor, train=False)
+    collator = DecodingCollator(processor, train=False)
     train, _ = load_slimp_dataset(synthetic.dataset_dir, "train")
     test, _ = load_slimp_dataset(synthetic.dataset_dir, "test")
     logits, labels, extras = predict_split(classifier, test, collator, return_features=True)
@@ -211,7 +211,7 @@ def test_linear_mode_is_the_probe_on_the_same_frozen_features(synthetic):  # noq
     np.testing.assert_allclose(logits[:, 1] - logits[:, 0], np.log(scores / (1 - scores)), rtol=1e-4, atol=1e-4)
     head_auroc = classification_metrics(labels, logits)["auroc"]
     encoder = SLIMPModel.from_pretrained(synthetic.checkpoint_dir).eval()
-    features = {name: embed_split(encoder, split, SLIMPCollator(SLIMPProcessor.from_pretrained(synthetic.checkpoint_dir), train=False))
+    features = {name: embed_split(encoder, split, DecodingCollator(SLIMPProcessor.from_pretrained(synthetic.checkpoint_dir), train=False))
                 for name, split in (("train", train), ("test", test))}
     reference = fit_probe(probe_inputs(features["train"], "image+metadata+context", "tower"), features["train"]["labels"])
     reference_auroc = roc_auc_score(features["test"]["labels"],

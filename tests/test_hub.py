@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 from conftest import IMAGE_SIZE, tiny_config
 from modeling_slimp import SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
+from training.data.metadata_schema import fit_metadata_schema
 
 PATIENT_IDS = ["IP_SECRET_4711", "IP_SECRET_0815", "IP_SECRET_2024"]
 CODE_FILES = ("configuration_slimp.py", "modeling_slimp.py", "metadata_encoder.py", "losses.py")
@@ -50,7 +51,7 @@ def images(count: int, seed: int = 0) -> list[Image.Image]:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     rows = training_rows()
-    lesion, patient = SLIMPProcessor.fit_metadata_schema(
+    lesion, patient = fit_metadata_schema(
         rows, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_areaMM2"], lesion_categorical=["anatom_site_general"],
         patient_numerical=["age_approx"], patient_categorical=["sex"],
         lesion_tower=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),

@@ -14,7 +14,7 @@ from transformers import ViTImageProcessorPil
 
 from conftest import IMAGE_SIZE, tiny_config
 from modeling_slimp import PatientSums, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
-from training.data.collate import SLIMPCollator
+from training.data.collate import DecodingCollator
 from modeling_slimp.pooling import patient_context as context_of
 from training.embeddings import embed_split, predict_split
 from training.metrics import top_k_sensitivity
@@ -93,7 +93,7 @@ def test_whole_patient_phenotype_and_context_do_not_depend_on_the_batch_size(big
     torch.manual_seed(0)
     config = tiny_config(patient_aggregation=aggregation, feature_dropout=0.0)
     processor = SLIMPProcessor(ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), config)
-    collator = SLIMPCollator(processor, train=False)
+    collator = DecodingCollator(processor, train=False)
     model = SLIMPModel(config).eval()
     small, large = (embed_split(model, big_patient_split, collator, batch_size=size) for size in (64, 2048))
     big = np.asarray(big_patient_split["patient_id"]) == "IP_BIG"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import IMAGE_SIZE, tiny_config
 from modeling_slimp import SLIMPMetadataConfig, SLIMPModel, SLIMPProcessor
+from training.data.metadata_schema import fit_metadata_schema
 
 # Patients B, A, C interleaved. B's age is missing on its first row; A's sex disagrees between its rows.
 ROWS = [
@@ -157,7 +158,7 @@ def test_fit_metadata_schema_on_a_dataframe():
         {"patient_id": "D", "clin_size_long_diam_mm": 6.0, "tbp_lv_areaMM2": 3.0, "anatom_site_general": "head/neck",
          "age_approx": 80, "sex": "female"},
     ])
-    lesion, patient = SLIMPProcessor.fit_metadata_schema(
+    lesion, patient = fit_metadata_schema(
         frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_areaMM2"], lesion_categorical=["anatom_site_general"],
         patient_numerical=["age_approx"], patient_categorical=["sex"],
         lesion_tower={"hidden_size": 24, "num_attention_heads": 3}, min_patients=1,  # the arithmetic, on 4 patients
@@ -178,16 +179,16 @@ def test_fit_metadata_schema_on_a_dataframe():
     assert patient.categorical_features == {"sex": ["female", "male"]}  # A, D female; B male (C missing)
     assert (lesion.hidden_size, lesion.num_attention_heads) == (24, 3)
 
-    rare_dropped, _ = SLIMPProcessor.fit_metadata_schema(frame, lesion_categorical=["anatom_site_general"], min_category_count=2,
+    rare_dropped, _ = fit_metadata_schema(frame, lesion_categorical=["anatom_site_general"], min_category_count=2,
                                                          min_patients=1)
     assert rare_dropped.categorical_features == {"anatom_site_general": ["head/neck"]}
     with pytest.raises(ValueError, match="tbp_lv_z"):
-        SLIMPProcessor.fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"], min_patients=1)
+        fit_metadata_schema(frame, lesion_numerical=["tbp_lv_z"], min_patients=1)
 
 
 def test_a_column_full_of_nan_is_left_out_of_the_schema_with_a_warning(caplog):
     frame = pd.DataFrame(ROWS).assign(tbp_lv_H=float("nan"), tbp_tile_type=None)
-    lesion, _ = SLIMPProcessor.fit_metadata_schema(
+    lesion, _ = fit_metadata_schema(
         frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general", "tbp_tile_type"],
         min_patients=1)
     assert lesion.numerical_features == ["clin_size_long_diam_mm"]
@@ -328,7 +329,7 @@ def patients_frame(patients: int = 6) -> pd.DataFrame:
 
 
 def fit(frame: pd.DataFrame, **kwargs):
-    return SLIMPProcessor.fit_metadata_schema(
+    return fit_metadata_schema(
         frame, lesion_numerical=["clin_size_long_diam_mm", "tbp_lv_H"], lesion_categorical=["anatom_site_general"],
         patient_numerical=["age_approx"], patient_categorical=["sex"], **kwargs)
 

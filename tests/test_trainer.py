@@ -15,7 +15,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from _synthetic_fixtures import synthetic  # noqa: F401
 from conftest import make_batch, tiny_config
-from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPDataCollator, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
+from training.data.collate import SLIMPDataCollator
+from training.data.sampler import PatientChunks
 
 
 def classifier_and_processor(checkpoint_dir: str, features: str = "image+lesion+patient"):
@@ -25,8 +27,7 @@ def classifier_and_processor(checkpoint_dir: str, features: str = "image+lesion+
         tower.feature_dropout = 0.0  # no random masking: micro-batches and the large batch draw the same
     torch.manual_seed(0)
     model = SLIMPForLesionClassification.from_pretrained(checkpoint_dir, config=config)
-    processor = SLIMPProcessor.from_pretrained(checkpoint_dir)
-    processor.config = model.config
+    processor = SLIMPProcessor.from_pretrained(checkpoint_dir, config=model.config)
     return model, processor
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from modeling_slimp import SLIMPForLesionClassification, SLIMPModel
 from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS
 from modeling_slimp.pooling import patient_context
-from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, DecodingCollator
 from training.data.dataset import column_list
 from training.data.sampler import patient_batches
 
@@ -55,7 +55,7 @@ class SplitBatches:
     (`patient_codes` (N,), `num_patients`), each batch decoded by a copy of `collator` that gathers the encoded
     metadata. Iterating yields `(rows (n,), model inputs on device, patient codes (n,))`."""
 
-    def __init__(self, dataset, collator: SLIMPCollator, batch_size: int, num_workers: int = 0, device=None,
+    def __init__(self, dataset, collator: DecodingCollator, batch_size: int, num_workers: int = 0, device=None,
                  desc: str = "embedding", progress: bool | None = None) -> None:
         encoded = EncodedMetadata(collator.processor, dataset)
         self.patient_codes, self.num_patients = encoded.patient_codes, encoded.num_patients
@@ -89,7 +89,7 @@ class _Rows:
 
 
 @torch.inference_mode()
-def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size: int = 256, num_workers: int = 0,
+def embed_split(model: SLIMPModel, dataset, collator: DecodingCollator, batch_size: int = 256, num_workers: int = 0,
                 device: torch.device | str | None = None, losses: bool = False, desc: str = "embedding",
                 progress: bool | None = None) -> dict:
     """Per-lesion features of a split, in dataset order (numpy).
@@ -99,7 +99,7 @@ def embed_split(model: SLIMPModel, dataset, collator: SLIMPCollator, batch_size:
     `["projection"]["phenotype"]` (N, D) the L2-normalised phenotype of each lesion's patient (all of its
     lesions); and `labels` (N,), `patient_ids` (N,) and `patient_codes` (N,) (patients numbered in order of
     first appearance). With `losses=True` also `lesion_loss` and `patient_loss`, the mean over the batches of
-    the model's own loss terms. `collator` is an evaluation `SLIMPCollator` (no augmentation). `desc` names
+    the model's own loss terms. `collator` is an evaluation `DecodingCollator` (no augmentation). `desc` names
     the progress bar.
     """
     model.eval()
@@ -154,7 +154,7 @@ def _numpy(values):
 
 
 @torch.inference_mode()
-def predict_split(model: SLIMPForLesionClassification, dataset, collator: SLIMPCollator, batch_size: int = 256,
+def predict_split(model: SLIMPForLesionClassification, dataset, collator: DecodingCollator, batch_size: int = 256,
                   num_workers: int = 0, device: torch.device | str | None = None,
                   return_features: bool = False, desc: str = "predicting", progress: bool | None = None
                   ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:

@@ -40,7 +40,7 @@ import torch
 from modeling_slimp import SLIMPModel, SLIMPProcessor
 from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS, DEFAULT_CLASSIFIER_REPRESENTATION, FEATURE_SETS
 from training.arguments import ArgumentError, parse_dataclasses, run_cli
-from training.data.collate import SLIMPCollator
+from training.data.collate import DecodingCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import embed_split
 from training import labels as label_rules
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()
-    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)  # whole patients, any batch size
+    collator = DecodingCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)  # whole patients, any batch size
     features, splits, label_names = {}, {}, None
     for split in args.splits:
         dataset, _ = load_slimp_dataset(args.dataset_dir, split)

@@ -45,7 +45,7 @@ import torch
 from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor
 from modeling_slimp.schema_slimp import as_category, parse_number
 from training.arguments import ArgumentError, parse_dataclasses, run_cli
-from training.data.collate import SLIMPCollator
+from training.data.collate import DecodingCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import embed_split
 from training import labels as label_rules
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_bank_path(args.save_bank, args.allow_bank_in_model_dir)  # refuse before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()
-    collator = SLIMPCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
+    collator = DecodingCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
     features = schema_features(model.config)
     extract = lambda dataset: embed_split(model, dataset, collator, batch_size=args.batch_size,  # noqa: E731
                                           num_workers=args.num_workers, device=device)

@@ -55,7 +55,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 
-from modeling_slimp import PatientChunks, SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
+from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPProcessor
 from modeling_slimp.configuration_slimp import (
     CLASSIFIER_FEATURES,
     CLASSIFIER_REPRESENTATIONS,
@@ -64,8 +64,9 @@ from modeling_slimp.configuration_slimp import (
 )
 from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
 from training.checkpointing import CheckpointError, find_trainer_checkpoint, write_manifest
-from training.data.collate import BatchTransform, SLIMPCollator
+from training.data.collate import AugmentingCollator, DecodingCollator
 from training.data.dataset import class_counts, column_list, load_slimp_dataset
+from training.data.sampler import PatientChunks
 from training.embeddings import predict_images_only, predict_split
 from training.labels import LabelError, describe, positive_class
 from training.metrics import classification_metrics
@@ -318,7 +319,7 @@ def prepare_for_mode(model: SLIMPForLesionClassification, model_args: ModelArgum
 
 # ----- linear mode: the probe, fitted once on frozen features -----
 @torch.no_grad()
-def fit_linear_head(model: SLIMPForLesionClassification, train_split, collator: SLIMPCollator, model_args: ModelArguments,
+def fit_linear_head(model: SLIMPForLesionClassification, train_split, collator: DecodingCollator, model_args: ModelArguments,
                     class_weights: list[float] | None, seed: int, batch_size: int) -> None:
     """Compute the frozen features of the train split once (whole patients) and set `model.classifier` to
     the logistic-regression probe fitted on them (standardisation folded into the weights)."""
@@ -342,26 +343,10 @@ def fit_linear_head(model: SLIMPForLesionClassification, train_split, collator: 
 
 
 # ----- Trainer -----
-class TrainCollator:
-    """Patient chunks -> a training batch for Trainer: decode + resize + augmentation parameters
-    (`SLIMPCollator`), then the augmentation and normalisation (`BatchTransform`), in the worker."""
-
-    def __init__(self, processor: SLIMPProcessor, seed: int):
-        self.collate = SLIMPCollator(processor, train=True, seed=seed)
-        self.transform = BatchTransform(processor)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.collate.set_epoch(epoch)
-
-    def __call__(self, items: list) -> dict:
-        rows = [row for item in items for row in (item if isinstance(item, list) else [item])]
-        return self.transform(self.collate(rows))
-
-
 class EpochCallback(TrainerCallback):
     """Mixes the epoch into the seeded augmentations, and writes a sha256 manifest into every checkpoint."""
 
-    def __init__(self, collator: TrainCollator):
+    def __init__(self, collator: AugmentingCollator):
         self.collator = collator
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -376,7 +361,7 @@ class SLIMPTrainer(Trainer):
     """`transformers.Trainer` whose evaluation is the project's one evaluation pass: whole patients, the
     patient context over all of a patient's lesions, and the ISIC 2024 metrics (`classification_metrics`)."""
 
-    def __init__(self, *args, eval_collator: SLIMPCollator, eval_batch_size: int = 256, positive: int = 1, **kwargs):
+    def __init__(self, *args, eval_collator: DecodingCollator, eval_batch_size: int = 256, positive: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator, self.eval_batch_size, self.positive = eval_collator, eval_batch_size, positive
 
@@ -453,10 +438,9 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
     model = load_classifier(model_args, label_names, class_weights)
     model.config.positive_label = label_names[positive]  # in config.json: the class the card's metrics and the Space score
     check_schema(model, schema)
-    processor = SLIMPProcessor.from_pretrained(model_args.model_dir)
-    processor.config = model.config  # one schema object for processor and model; config.json = the classifier's
+    processor = SLIMPProcessor.from_pretrained(model_args.model_dir, config=model.config)  # one schema owner: the classifier's config
     processor.check_columns(train_split.column_names)  # once here, not in every data-loader worker
-    eval_collator = SLIMPCollator(processor, train=False)
+    eval_collator = DecodingCollator(processor, train=False)
     model = prepare_for_mode(model, model_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("mode %s: %d of %d parameters train; class weights %s", model_args.mode, trainable,
@@ -466,7 +450,7 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
     if model_args.mode == "linear":
         fit_linear_head(model, train_split, eval_collator, model_args, class_weights, args.seed, data_args.eval_batch_size)
     else:
-        collator = TrainCollator(processor, args.seed)
+        collator = AugmentingCollator(processor, args.seed)
         trainer = SLIMPTrainer(
             model=model, args=trainer_arguments(args, model_args.mode),
             train_dataset=PatientChunks(train_split, max_lesions_per_patient=data_args.max_lesions_per_patient),

@@ -40,26 +40,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, ViTImageProcessorPil, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-
-from modeling_slimp import SLIMPModel, SLIMPProcessor
-from modeling_slimp.configuration_slimp import PATIENT_AGGREGATIONS
+from modeling_slimp import SLIMPModel
 from modeling_slimp.schema_slimp import MIN_PATIENTS_PER_VALUE
 from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
 from training.checkpointing import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
-from training.continual import freeze_for_continual, replace_metadata_schema
 from training.data.augment import AUGMENTATIONS
-from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, SLIMPCollator
+from training.data.collate import BatchTransform, ColumnBatches, EncodedMetadata, DecodingCollator
 from training.data.dataset import class_counts, column_list, load_slimp_dataset, split_fingerprint
 from training.data.sampler import PatientBatchSampler
 from training.embeddings import embed_split
 from training.optim import build_optimizer
 from training.precision import SLOW_BF16_HELP, warn_if_slow_bf16
-from training.presets import MODEL_SIZES, VISION_MODEL_TYPES, build_slimp_config, schema_columns
+from training.presets import ModelArguments, build_processor, schema_columns, seeded_model
 from training.probe import retrieval_metrics
 from training.release import RELEASE_FILES, probe_report, save_release
 from training.safety import check_apart, check_writable_release, locked
@@ -93,40 +89,6 @@ class DataArguments:
             raise ArgumentError(f"--num_workers must be >= 0, got {self.num_workers}")
         if self.augmentation not in AUGMENTATIONS:
             raise ArgumentError(f"--augmentation must be one of {tuple(AUGMENTATIONS)}, got '{self.augmentation}'")
-
-
-@dataclass
-class ModelArguments:
-    model_size: str = field(default="tiny", metadata={"help": f"Preset: one of {MODEL_SIZES} (tiny: 64 px CPU model; small: the release ViT-S/16 at 224 px)."})
-    vision_model_type: str = field(default="vit", metadata={"help": f"Image backbone: one of {VISION_MODEL_TYPES}."})
-    image_size: int | None = field(default=None, metadata={"help": "Override the preset's image resolution."})
-    init_vision_from: str | None = field(default=None, metadata={"help": "A transformers vision checkpoint (folder or Hub id) to initialise the image tower; its image processor's normalisation is used."})
-    init_from: str | None = field(default=None, metadata={"help": "A SLIMP checkpoint to start from (with --continual: continual pre-training)."})
-    continual: bool = field(default=False, metadata={"help": "Train only embedding layers, projections and logit scales; attention frozen. Needs --init_from."})
-    lesion_loss_weight: float = field(default=0.5, metadata={"help": "λ in L = λ·L_lesion + (1 − λ)·L_patient (1 = flat lesion-only CLIP loss)."})
-    patient_aggregation: str | None = field(default=None, metadata={"help": f"One of {PATIENT_AGGREGATIONS}: how a patient's lesions are pooled (default: mean, or the --init_from checkpoint's)."})
-    image_ssl_weight: float = field(default=0.0, metadata={"help": "Weight w of the SimCLR term: (1 − w)·L_nested + w·L_SimCLR (1 = SimCLR baseline)."})
-    feature_dropout: float = field(default=0.1, metadata={"help": "Probability of hiding a present metadata value in training."})
-    temperature: float | None = field(default=None, metadata={"help": "Initial temperature τ of both contrastive levels (learned from there; logit scale 1/τ). Default: the config's 0.07, as CLIP."})
-
-    def __post_init__(self):
-        if self.temperature is not None and not 0.01 <= self.temperature <= 1.0:
-            raise ArgumentError(f"--temperature must be in [0.01, 1] (logit scale at most 100, the clamp), got {self.temperature}")
-        if self.model_size not in MODEL_SIZES:
-            raise ArgumentError(f"--model_size must be one of {MODEL_SIZES}, got '{self.model_size}'")
-        if self.vision_model_type not in VISION_MODEL_TYPES:
-            raise ArgumentError(f"--vision_model_type must be one of {VISION_MODEL_TYPES}, got '{self.vision_model_type}'")
-        if self.patient_aggregation is not None and self.patient_aggregation not in PATIENT_AGGREGATIONS:
-            raise ArgumentError(f"--patient_aggregation must be one of {PATIENT_AGGREGATIONS}, got '{self.patient_aggregation}'")
-        for name in ("lesion_loss_weight", "image_ssl_weight"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ArgumentError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.feature_dropout < 1.0:
-            raise ArgumentError(f"--feature_dropout must be in [0, 1), got {self.feature_dropout}")
-        if self.continual and not self.init_from:
-            raise ArgumentError("--continual needs --init_from: continual pre-training adapts a pre-trained checkpoint")
-        if self.image_size is not None and self.image_size < 8:
-            raise ArgumentError(f"--image_size must be at least 8 pixels, got {self.image_size}")
 
 
 @dataclass
@@ -225,8 +187,8 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
             from training.data import convert
 
             logger.info("building the synthetic dataset in %s", data_args.dataset_dir, main_process_only=True)
-            convert.main(["synthetic", "--patients", str(data_args.synthetic_patients),
-                          "--seed", str(data_args.synthetic_seed), "--output-dir", data_args.dataset_dir])
+            convert.run(convert.ConvertArguments("synthetic", data_args.dataset_dir, patients=data_args.synthetic_patients,
+                                                 seed=data_args.synthetic_seed))
 
 
 def model_schema(schema: dict, exclude_features: list[str]) -> dict:
@@ -243,67 +205,6 @@ def model_schema(schema: dict, exclude_features: list[str]) -> dict:
         raise ArgumentError(f"--exclude_features {exclude_features} matches no metadata column of the dataset")
     logger.info("metadata columns left out (--exclude_features): %s", ", ".join(dropped), main_process_only=True)
     return trimmed
-
-
-def build_model(model_args: ModelArguments, schema: dict, train_split) -> SLIMPModel:
-    overrides = dict(lesion_loss_weight=model_args.lesion_loss_weight, image_ssl_weight=model_args.image_ssl_weight)
-    if model_args.temperature is not None and model_args.init_from:
-        raise ArgumentError("--temperature sets the initial logit scales of a new model; --init_from keeps the checkpoint's")
-    if model_args.temperature is not None:
-        overrides["logit_scale_init_value"] = math.log(1.0 / model_args.temperature)
-    if model_args.init_from:
-        model = SLIMPModel.from_pretrained(model_args.init_from)
-        saved = model.config.patient_aggregation
-        if model_args.patient_aggregation not in (None, saved):
-            raise ArgumentError(f"--patient_aggregation {model_args.patient_aggregation} differs from the --init_from "
-                                f"checkpoint's '{saved}': its pooling weights cannot be reused; drop the option")
-        for key, value in overrides.items():  # loss weights only: they live in the config, read at each step
-            setattr(model.config, key, value)
-        target = build_slimp_config(schema, train_split, vision=model.config.vision_config)
-        replace_metadata_schema(model, "lesion", target.lesion_metadata_config)
-        replace_metadata_schema(model, "patient", target.patient_metadata_config)
-        model.config.id2label, model.config.label2id = target.id2label, target.label2id
-    else:
-        config = build_slimp_config(schema, train_split, model_args.model_size, model_args.vision_model_type,
-                                    model_args.image_size, patient_aggregation=model_args.patient_aggregation or "mean",
-                                    **overrides)
-        model = (SLIMPModel.from_vision_pretrained(model_args.init_vision_from, config)
-                 if model_args.init_vision_from else SLIMPModel(config))
-    for tower in (model.config.lesion_metadata_config, model.config.patient_metadata_config):
-        tower.feature_dropout = model_args.feature_dropout
-    check_towers(model.config)
-    if model_args.continual:
-        freeze_for_continual(model)
-    return model
-
-
-def check_towers(config) -> None:
-    """A metadata tower without any usable feature outputs a constant: the loss term it feeds would stay at
-    chance for the whole run. That is an error, unless that term is switched off."""
-    if not config.lesion_metadata_config.feature_names and config.lesion_loss_weight > 0 and config.image_ssl_weight < 1:
-        raise ArgumentError("the dataset leaves the lesion metadata tower without any usable feature (none in schema.json, "
-                            "or every value missing in the train split): the lesion loss could not learn. Convert the data "
-                            "with its lesion columns, or pre-train image-only (--image_ssl_weight 1).")
-    if not config.patient_metadata_config.feature_names and config.lesion_loss_weight < 1 and config.image_ssl_weight < 1:
-        raise ArgumentError("the dataset leaves the patient metadata tower without any usable feature (none in schema.json, "
-                            "or every value missing in the train split): the patient loss would stay at chance. Pass "
-                            "--lesion_loss_weight 1 (the flat lesion-level loss), or give the data its patient columns.")
-
-
-def build_processor(model: SLIMPModel, model_args: ModelArguments) -> SLIMPProcessor:
-    """A resize-to-square processor at the model's resolution, with the image normalisation of the
-    `--init_vision_from` checkpoint's own image processor when it has one (DINOv2: ImageNet mean/std)."""
-    size = getattr(model.config.vision_config, "image_size", 224)
-    normalisation = {}
-    source = model_args.init_vision_from or model_args.init_from
-    if source:
-        try:
-            reference = AutoImageProcessor.from_pretrained(source)
-            normalisation = {"image_mean": list(reference.image_mean), "image_std": list(reference.image_std)}
-        except (OSError, ValueError, AttributeError):
-            logger.warning("%s has no image processor: using ViT's normalisation (mean 0.5, std 0.5)", source,
-                           main_process_only=True)
-    return SLIMPProcessor(ViTImageProcessorPil(size={"height": size, "width": size}, **normalisation), model.config)
 
 
 def build_loader(train_split, collator, data_args: DataArguments, args: TrainArguments, accelerator: Accelerator):
@@ -327,7 +228,7 @@ def build_loader(train_split, collator, data_args: DataArguments, args: TrainArg
     return sampler, loader, len(sampler)
 
 
-def validate(model: SLIMPModel, collator: SLIMPCollator, dataset, batch_size: int = 256) -> dict[str, float]:
+def validate(model: SLIMPModel, collator: DecodingCollator, dataset, batch_size: int = 256) -> dict[str, float]:
     """The model's own contrastive losses (eval mode: per whole-patient batch, never gathered) and retrieval
     recall@k over the split, in one pass (`embed_split`). Called on the main process only."""
     features = embed_split(model, dataset, collator, batch_size=batch_size, losses=True, desc="validation")
@@ -386,7 +287,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainArguments, accelerator: Accelerator) -> dict:
     """The run itself (`main` holds the locks of its folders)."""
-    set_seed(args.seed)
     ensure_dataset(data_args, accelerator)
     train_split, schema = load_slimp_dataset(data_args.dataset_dir, "train")
     validation_split, _ = load_slimp_dataset(data_args.dataset_dir, "validation")
@@ -396,13 +296,13 @@ def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainAr
         validation_split = None
     schema = model_schema(schema, data_args.exclude_features)
     check_train_patients(train_split, data_args.dataset_dir)
-    model = build_model(model_args, schema, train_split)
+    model = seeded_model(model_args, schema, train_split, args.seed)  # every generator seeded, then built
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     processor = build_processor(model, model_args)
-    train_collator = SLIMPCollator(processor, train=True, two_views=model.config.image_ssl_weight > 0, seed=args.seed,
+    train_collator = DecodingCollator(processor, train=True, two_views=model.config.image_ssl_weight > 0, seed=args.seed,
                                    augmentation=AUGMENTATIONS[data_args.augmentation])
-    eval_collator = SLIMPCollator(processor, train=False)
+    eval_collator = DecodingCollator(processor, train=False)
 
     sampler, loader, batches_per_epoch = build_loader(train_split, train_collator, data_args, args, accelerator)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(

@@ -1,9 +1,16 @@
-"""Batch collation for SLIMP: dataset rows -> fixed-size uint8 images + encoded metadata, and the device
-step that turns them into model inputs.
+"""Batch collation for SLIMP: dataset rows -> model inputs, by three collators named for what they do.
+
+- `DecodingCollator` + `BatchTransform`: the project's own loaders (pretrain.py, the evaluation pass). The
+  collator, in the DataLoader workers, decodes and resizes images to uint8 and gathers the encoded metadata;
+  `BatchTransform`, on the training device, augments and normalises.
+- `SLIMPDataCollator`: `transformers.Trainer`'s collator for any rows, through the processor (no augmentation):
+  what examples/trainer_finetune.py and the README's Trainer snippet use.
+- `AugmentingCollator`: `DecodingCollator` + `BatchTransform` in the worker, a finished, augmented batch for
+  Trainer (finetune.py).
 
 Rows are what a `datasets.Dataset` in the shared layout (docs/data_format.md) yields: ``image``,
-``image_id``, ``patient_id``, ``label`` and the raw metadata columns. The collator runs in the DataLoader
-workers and does only what must happen on the CPU: decode each image once (naming the ``image_id`` of
+``image_id``, ``patient_id``, ``label`` and the raw metadata columns. `DecodingCollator` does only what must
+happen on the CPU: decode each image once (naming the ``image_id`` of
 any that fails), convert it to RGB, resize it to the model's size and stack the batch as uint8; encode
 the metadata with the processor (vectorised, grouping lesions by patient); and, for training, draw each
 image's augmentation parameters (`augment.draw_parameters`). `BatchTransform` then applies the
@@ -17,7 +24,7 @@ one. Call `set_epoch` each epoch (non-persistent DataLoader workers copy the col
 
 Usage::
 
-    collator = SLIMPCollator(processor, train=True, two_views=True, seed=0)
+    collator = DecodingCollator(processor, train=True, two_views=True, seed=0)
     loader = DataLoader(ds, batch_sampler=PatientBatchSampler(...), collate_fn=collator, num_workers=4)
     transform = BatchTransform(processor)
     for batch in loader:
@@ -64,7 +71,7 @@ def decode_image(value: Any, image_id: Any, size: tuple[int, int]) -> np.ndarray
     return np.asarray(image)
 
 
-class SLIMPCollator:
+class DecodingCollator:
     """Collate dataset rows into a SLIMP batch of uint8 images, the processor's metadata keys and ``labels``.
 
     Args:
@@ -87,7 +94,7 @@ class SLIMPCollator:
         if two_views and not train:
             raise ValueError("two_views=True needs train=True: the second view is an augmentation")
         if getattr(processor.image_processor, "do_center_crop", False):
-            raise ValueError(f"SLIMPCollator resizes images to the processor's size; {type(processor.image_processor).__name__} "
+            raise ValueError(f"DecodingCollator resizes images to the processor's size; {type(processor.image_processor).__name__} "
                              "also crops. Build the processor with a resize-only image processor (ViTImageProcessorPil).")
         self.processor = processor
         self.train, self.two_views = train, two_views
@@ -184,7 +191,7 @@ class ColumnBatches(torch.utils.data.Dataset):
     no per-value Python object is made. With `columns`, only those are read (e.g. the image, ids and label
     when the metadata is pre-encoded with `EncodedMetadata`).
 
-        loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=SLIMPCollator(...))
+        loader = DataLoader(ColumnBatches(train_split), batch_sampler=sampler, collate_fn=DecodingCollator(...))
     """
 
     def __init__(self, dataset, columns: Sequence[str] | None = None) -> None:
@@ -211,7 +218,7 @@ class EncodedMetadata:
     the main process before the DataLoader starts; workers share it.
 
         encoded = EncodedMetadata(processor, train_split)
-        collator = SLIMPCollator(processor, train=True, seed=0, encoded_metadata=encoded)
+        collator = DecodingCollator(processor, train=True, seed=0, encoded_metadata=encoded)
         loader = DataLoader(ColumnBatches(train_split, columns=collator.row_columns), batch_sampler=..., collate_fn=collator)
     """
 
@@ -261,4 +268,52 @@ class BatchTransform:
         return batch
 
 
-__all__ = ["SLIMPCollator", "ColumnBatches", "ArrowBatch", "EncodedMetadata", "BatchTransform", "AugmentationConfig", "decode_image", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]
+class AugmentingCollator:
+    """`transformers.Trainer`'s `data_collator` for training with SLIMP's augmentation (finetune.py): items of
+    `PatientChunks` (lists of rows) -> a model batch with `labels`, decoded and augmentation parameters drawn
+    (`DecodingCollator`, seeded per image), then augmented and normalised (`BatchTransform`), all in the loader
+    worker: Trainer has no device-side step for it."""
+
+    def __init__(self, processor: SLIMPProcessor, seed: int):
+        self.collate = DecodingCollator(processor, train=True, seed=seed)
+        self.transform = BatchTransform(processor)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.collate.set_epoch(epoch)
+
+    def __call__(self, items: list) -> dict:
+        return self.transform(self.collate(flatten_items(items)))
+
+
+def flatten_items(items: Sequence) -> list:
+    """Trainer items -> rows: an item is a row, or a list of rows (`PatientChunks`)."""
+    return [row for item in items for row in (item if isinstance(item, (list, tuple)) else [item])]
+
+
+class SLIMPDataCollator:
+    """`transformers.Trainer`'s `data_collator` for SLIMP: dataset rows -> a model batch with `labels`.
+
+    Rows are dicts with the image (`image_column`), the raw metadata columns, `patient_id` and the label
+    (`label_column`, optional); items may also be lists of rows (`training.data.sampler.PatientChunks`), which are flattened.
+    With a plain `datasets.Dataset`, pass `remove_unused_columns=False` to `TrainingArguments`: Trainer
+    would otherwise drop the image and metadata columns before they reach the collator.
+
+    Returns a `BatchFeature` with the processor's keys and `labels` (N,) long when every row has a label.
+    """
+
+    def __init__(self, processor: SLIMPProcessor, image_column: str = "image", label_column: str = "label"):
+        self.processor = processor
+        self.image_column, self.label_column = image_column, label_column
+
+    def __call__(self, items: Sequence) -> BatchFeature:
+        rows = flatten_items(items)
+        images = [row[self.image_column] for row in rows]
+        metadata = [{k: v for k, v in row.items() if k != self.image_column} for row in rows]
+        batch = self.processor(images=images, metadata=metadata, return_tensors="pt")
+        if rows and all(row.get(self.label_column) is not None for row in rows):
+            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        return batch
+
+
+__all__ = ["DecodingCollator", "BatchTransform", "SLIMPDataCollator", "AugmentingCollator", "ColumnBatches", "ArrowBatch",
+           "EncodedMetadata", "AugmentationConfig", "decode_image", "flatten_items", "PIXELS", "PARAMETERS", "SSL_PARAMETERS"]

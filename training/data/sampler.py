@@ -1,5 +1,5 @@
-"""Batches of whole patients: the pre-training sampler (`PatientBatchSampler`) and the evaluation batches
-(`patient_batches`).
+"""Batches of whole patients: the pre-training sampler (`PatientBatchSampler`), the evaluation batches
+(`patient_batches`) and `transformers.Trainer`'s items (`PatientChunks`).
 
 Each batch holds up to P distinct patients with up to K lesions each (ragged), so that the outer,
 patient-level contrastive loss sees whole patients and the inner, lesion-level loss sees their lesions.
@@ -57,6 +57,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Sampler
+
+from modeling_slimp.schema_slimp import PATIENT_COLUMN, near_equal_chunks, rows_by_patient
 
 logger = logging.getLogger(__name__)
 
@@ -327,3 +329,37 @@ def patient_batches(patient_codes, batch_size: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+class PatientChunks(torch.utils.data.Dataset):
+    """A dataset of whole patients: item i is the list of rows of one patient, or of one near-equal chunk
+    of at most `max_lesions_per_patient` lesions of a larger one (`schema_slimp.near_equal_chunks`, as `PatientBatchSampler` cuts them).
+
+    Give it to `transformers.Trainer` with `SLIMPDataCollator` when the classifier reads the patient
+    context: a batch of `per_device_train_batch_size` items is then that many (chunks of) patients, so
+    each lesion's context compares it with its own patient's other lesions.
+
+    Args:
+        dataset: rows indexable by position (`datasets.Dataset`, list of dicts).
+        patient_ids: (N,) patient of each row (default `dataset["patient_id"]`).
+        max_lesions_per_patient: K; None keeps every patient whole.
+    """
+
+    def __init__(self, dataset, patient_ids: Sequence | None = None, max_lesions_per_patient: int | None = None):
+        self.dataset = dataset
+        if patient_ids is None:  # a datasets.Dataset: read the column through Arrow, not row by row
+            patient_ids = (dataset.with_format("arrow")[PATIENT_COLUMN].to_pylist() if hasattr(dataset, "with_format")
+                           else [row[PATIENT_COLUMN] for row in dataset])
+        patient_ids = list(patient_ids)
+        self.chunks: list[list[int]] = []
+        for rows in rows_by_patient(patient_ids):
+            self.chunks += near_equal_chunks(rows, max_lesions_per_patient) if max_lesions_per_patient else [rows]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        rows = self.chunks[index]
+        if hasattr(self.dataset, "select"):  # datasets.Dataset: one read for the chunk
+            return list(self.dataset.select(rows))
+        return [self.dataset[row] for row in rows]
