@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -121,46 +120,43 @@ class NestedLossOutput:
     logits_per_phenotype: torch.Tensor
 
 
-class NestedContrastiveLoss(nn.Module):
-    """`L = (1 − w)·[λ·L_lesion + (1 − λ)·L_patient] + w·L_ssl`.
+def nested_contrastive_loss(
+    image_embeds: torch.Tensor,
+    lesion_metadata_embeds: torch.Tensor,
+    phenotype_embeds: torch.Tensor,
+    patient_metadata_embeds: torch.Tensor,
+    lesion_logit_scale: torch.Tensor,
+    patient_logit_scale: torch.Tensor,
+    ssl_image_embeds: torch.Tensor | None = None,
+    *,
+    lesion_loss_weight: float = 0.5,
+    image_ssl_weight: float = 0.0,
+    ssl_temperature: float = 0.1,
+    rank: int = 0,
+    world_size: int = 1,
+) -> NestedLossOutput:
+    """`L = (1 − w)·[λ·L_lesion + (1 − λ)·L_patient] + w·L_ssl`, a function of the model's outputs, as open_clip's
+    `loss(**model_out)`: the positional inputs are `SLIMPModel.forward`'s embeddings and logit scales.
 
     L_lesion: symmetric InfoNCE of image_embeds vs lesion_metadata_embeds (N, D) over the global batch.
     L_patient: symmetric InfoNCE of phenotype_embeds vs patient_metadata_embeds (P, D) over the global
     batch; zero when the global batch has fewer than 2 patients. L_ssl: NT-Xent between two image views,
-    only when `ssl_image_embeds` is given and w > 0.
+    only when `ssl_image_embeds` is given and w > 0. The logit scales arrive exponentiated (and clamped).
 
-    The module holds no hyperparameter: λ (`lesion_loss_weight`), w (`image_ssl_weight`) and the NT-Xent
-    temperature are arguments, which `SLIMPModel` passes from its config, the one place they live.
-    The logit scales arrive exponentiated (and clamped) by the model.
+    Keyword-only: λ (`lesion_loss_weight`), w (`image_ssl_weight`) and the NT-Xent temperature, which `SLIMPModel`
+    passes from its config, the one place they live; `rank` and `world_size` of the process group, which
+    `gather_features` uses ("local loss + gather with grad").
     """
-
-    def forward(
-        self,
-        image_embeds: torch.Tensor,
-        lesion_metadata_embeds: torch.Tensor,
-        phenotype_embeds: torch.Tensor,
-        patient_metadata_embeds: torch.Tensor,
-        lesion_logit_scale: torch.Tensor,
-        patient_logit_scale: torch.Tensor,
-        lesion_loss_weight: float = 0.5,
-        ssl_image_embeds: torch.Tensor | None = None,
-        image_ssl_weight: float = 0.0,
-        ssl_temperature: float = 0.1,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> NestedLossOutput:
-        lesion_loss, logits_per_image = symmetric_infonce(
-            image_embeds, lesion_metadata_embeds, lesion_logit_scale, rank, world_size
-        )
-        patient_loss, logits_per_phenotype = symmetric_infonce(
-            phenotype_embeds, patient_metadata_embeds, patient_logit_scale, rank, world_size
-        )
-        loss = lesion_loss_weight * lesion_loss + (1.0 - lesion_loss_weight) * patient_loss
-        image_ssl_loss = None
-        if ssl_image_embeds is not None and image_ssl_weight > 0:
-            image_ssl_loss = nt_xent(image_embeds, ssl_image_embeds, ssl_temperature, rank, world_size)
-            loss = (1.0 - image_ssl_weight) * loss + image_ssl_weight * image_ssl_loss
-        return NestedLossOutput(loss, lesion_loss, patient_loss, image_ssl_loss, logits_per_image, logits_per_phenotype)
+    lesion_loss, logits_per_image = symmetric_infonce(image_embeds, lesion_metadata_embeds, lesion_logit_scale, rank,
+                                                      world_size)
+    patient_loss, logits_per_phenotype = symmetric_infonce(phenotype_embeds, patient_metadata_embeds, patient_logit_scale,
+                                                           rank, world_size)
+    loss = lesion_loss_weight * lesion_loss + (1.0 - lesion_loss_weight) * patient_loss
+    image_ssl_loss = None
+    if ssl_image_embeds is not None and image_ssl_weight > 0:
+        image_ssl_loss = nt_xent(image_embeds, ssl_image_embeds, ssl_temperature, rank, world_size)
+        loss = (1.0 - image_ssl_weight) * loss + image_ssl_weight * image_ssl_loss
+    return NestedLossOutput(loss, lesion_loss, patient_loss, image_ssl_loss, logits_per_image, logits_per_phenotype)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weights: list[float] | None = None,
@@ -184,4 +180,4 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_wei
 
 
 __all__ = ["gather_features", "distributed_context", "clamped_logit_scale", "symmetric_infonce", "nt_xent",
-           "NestedContrastiveLoss", "NestedLossOutput", "weighted_cross_entropy"]
+           "nested_contrastive_loss", "NestedLossOutput", "weighted_cross_entropy"]

@@ -47,7 +47,7 @@ from .input_checks import (
     output_flags,
     resolve_patients,
 )
-from .losses import NestedContrastiveLoss, NestedLossOutput, clamped_logit_scale, distributed_context, weighted_cross_entropy
+from .losses import NestedLossOutput, clamped_logit_scale, distributed_context, nested_contrastive_loss, weighted_cross_entropy
 from .metadata_encoder import SLIMPMetadataEncoder, init_slimp_weights
 from .pooling import PatientSums, SLIMPAttentionPooling, patient_context
 
@@ -176,7 +176,6 @@ class SLIMPModel(SLIMPPreTrainedModel):
         self.phenotype_projection = nn.Linear(2 * dim, dim)
         self.lesion_logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.patient_logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self.contrastive_loss = NestedContrastiveLoss()
         self.post_init()
 
     @classmethod
@@ -202,6 +201,11 @@ class SLIMPModel(SLIMPPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.vision_model.set_input_embeddings(value)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The nested loss's hyper-parameters (`losses.nested_contrastive_loss`), as the config states them."""
+        return {"lesion_loss_weight": self.config.lesion_loss_weight, "image_ssl_weight": self.config.image_ssl_weight,
+                "ssl_temperature": self.config.ssl_temperature}
 
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lesion, patient) logit scales: exp of the learned log scales, clamped at `config.max_logit_scale`."""
@@ -410,12 +414,10 @@ class SLIMPModel(SLIMPPreTrainedModel):
                 check_pixel_values(ssl_pixel_values, "ssl_pixel_values")
                 ssl_embeds = F.normalize(self.visual_projection(self.image_tower(ssl_pixel_values)[0]), dim=-1)
             rank, world_size = distributed_context() if self.training else (0, 1)
-            terms = self.contrastive_loss(
-                image_embeds, lesion_metadata_embeds, phenotype_embeds, patient_metadata_embeds, lesion_scale, patient_scale,
-                lesion_loss_weight=self.config.lesion_loss_weight, ssl_image_embeds=ssl_embeds,
-                image_ssl_weight=self.config.image_ssl_weight, ssl_temperature=self.config.ssl_temperature,
-                rank=rank, world_size=world_size,
-            )
+            inputs = dict(image_embeds=image_embeds, lesion_metadata_embeds=lesion_metadata_embeds,  # the model's outputs
+                          phenotype_embeds=phenotype_embeds, patient_metadata_embeds=patient_metadata_embeds,
+                          lesion_logit_scale=lesion_scale, patient_logit_scale=patient_scale, ssl_image_embeds=ssl_embeds)
+            terms = nested_contrastive_loss(**inputs, **self.loss_weights(), rank=rank, world_size=world_size)
             logits_per_image, logits_per_phenotype = terms.logits_per_image, terms.logits_per_phenotype
         else:
             logits_per_image = lesion_scale * image_embeds @ lesion_metadata_embeds.t()  # (N, N)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_slimp.losses import NestedContrastiveLoss, gather_features, nt_xent, symmetric_infonce
+from modeling_slimp.losses import gather_features, nested_contrastive_loss, nt_xent, symmetric_infonce
 
 
 def unit_rows(n: int, d: int = 6, seed: int = 0) -> torch.Tensor:
@@ -92,7 +92,7 @@ def test_nested_loss_combines_terms(lesion_weight):
     image, lesion = unit_rows(7, seed=1), unit_rows(7, seed=2)
     phenotype, patient = unit_rows(3, seed=3), unit_rows(3, seed=4)
     s1, s2 = torch.tensor(10.0), torch.tensor(4.0)
-    out = NestedContrastiveLoss()(image, lesion, phenotype, patient, s1, s2, lesion_loss_weight=lesion_weight)
+    out = nested_contrastive_loss(image, lesion, phenotype, patient, s1, s2, lesion_loss_weight=lesion_weight)
     torch.testing.assert_close(out.lesion_loss, reference_clip_loss(image, lesion, s1))
     torch.testing.assert_close(out.patient_loss, reference_clip_loss(phenotype, patient, s2))
     torch.testing.assert_close(out.loss, lesion_weight * out.lesion_loss + (1 - lesion_weight) * out.patient_loss)
@@ -104,13 +104,13 @@ def test_nested_loss_with_image_ssl_term():
     image, lesion, view2 = unit_rows(5, seed=1), unit_rows(5, seed=2), unit_rows(5, seed=9)
     phenotype, patient = unit_rows(2, seed=3), unit_rows(2, seed=4)
     scale = torch.tensor(5.0)
-    out = NestedContrastiveLoss()(image, lesion, phenotype, patient, scale, scale, lesion_loss_weight=0.6,
+    out = nested_contrastive_loss(image, lesion, phenotype, patient, scale, scale, lesion_loss_weight=0.6,
                                   ssl_image_embeds=view2, image_ssl_weight=0.25, ssl_temperature=0.3)
     nested = 0.6 * out.lesion_loss + 0.4 * out.patient_loss
     torch.testing.assert_close(out.image_ssl_loss, reference_nt_xent(image, view2, 0.3))
     torch.testing.assert_close(out.loss, 0.75 * nested + 0.25 * out.image_ssl_loss)
     # With weight 0 the second view is ignored.
-    plain = NestedContrastiveLoss()(image, lesion, phenotype, patient, scale, scale, lesion_loss_weight=0.6,
+    plain = nested_contrastive_loss(image, lesion, phenotype, patient, scale, scale, lesion_loss_weight=0.6,
                                     ssl_image_embeds=view2)
     assert plain.image_ssl_loss is None
     torch.testing.assert_close(plain.loss, nested)
@@ -119,7 +119,7 @@ def test_nested_loss_with_image_ssl_term():
 def test_single_patient_gives_zero_patient_loss_not_nan():
     image, lesion = unit_rows(4, seed=1), unit_rows(4, seed=2)
     phenotype, patient = unit_rows(1, seed=3), unit_rows(1, seed=4)
-    out = NestedContrastiveLoss()(image, lesion, phenotype, patient, torch.tensor(14.0), torch.tensor(14.0))
+    out = nested_contrastive_loss(image, lesion, phenotype, patient, torch.tensor(14.0), torch.tensor(14.0))
     assert out.patient_loss.item() == 0.0
     assert math.isfinite(out.loss.item())
     torch.testing.assert_close(out.loss, 0.5 * out.lesion_loss)

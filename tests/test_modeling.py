@@ -457,14 +457,14 @@ def test_bfloat16_forward_on_cpu():
 
 def test_an_inference_forward_never_runs_the_loss(monkeypatch):
     """Embeddings and logits without `return_loss=True` do not touch the nested loss (as CLIP's forward)."""
-    from modeling_slimp.losses import NestedContrastiveLoss
+    from modeling_slimp import modeling_slimp as modeling
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the loss ran during inference")
 
     model = SLIMPModel(tiny_config()).eval()
     batch = make_batch(model.config)
-    monkeypatch.setattr(NestedContrastiveLoss, "forward", forbidden)
+    monkeypatch.setattr(modeling, "nested_contrastive_loss", forbidden)
     with torch.no_grad():
         out = model(**batch)
     assert out.loss is None and out.logits_per_image is not None and out.logits_per_phenotype is not None

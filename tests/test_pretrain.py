@@ -163,16 +163,16 @@ def test_continual_pretraining_trains_embeddings_only_and_adopts_new_columns(dat
 
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(dataset_dir, tmp_path, monkeypatch, caplog):
-    from modeling_slimp.losses import NestedContrastiveLoss
+    from modeling_slimp import modeling_slimp as modeling
 
-    original = NestedContrastiveLoss.forward
+    original = modeling.nested_contrastive_loss
 
-    def poisoned(self, *args, **kwargs):
-        terms = original(self, *args, **kwargs)
+    def poisoned(*args, **kwargs):
+        terms = original(*args, **kwargs)
         terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(NestedContrastiveLoss, "forward", poisoned)
+    monkeypatch.setattr(modeling, "nested_contrastive_loss", poisoned)
     with pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
         run(dataset_dir, tmp_path / "nan", "--max_steps", "5", "--save_steps", "0", "--max_nonfinite_steps", "3")
     assert "non-finite loss" in caplog.text
