@@ -47,7 +47,7 @@ from .input_checks import (
     output_flags,
     resolve_patients,
 )
-from .losses import NestedLossOutput, clamped_logit_scale, distributed_context, nested_contrastive_loss, weighted_cross_entropy
+from .losses import clamped_logit_scale, distributed_context, nested_contrastive_loss, weighted_cross_entropy
 from .metadata_encoder import SLIMPMetadataEncoder, init_slimp_weights
 from .pooling import PatientSums, SLIMPAttentionPooling, patient_context
 
@@ -148,11 +148,8 @@ class SLIMPPreTrainedModel(PreTrainedModel):
 
 
 class SLIMPModel(SLIMPPreTrainedModel):
-    """The three towers, the projections, the patient aggregation and the nested contrastive loss.
-
-    Any metadata input may be omitted: it is then all missing. Without `patient_index` every lesion is
-    its own patient.
-    """
+    """The three towers, the projections, the patient aggregation and the nested contrastive loss. Any metadata
+    input may be omitted: it is then all missing. Without `patient_index` every lesion is its own patient."""
 
     def __init__(self, config: SLIMPConfig):
         super().__init__(config)
@@ -401,37 +398,28 @@ class SLIMPModel(SLIMPPreTrainedModel):
                            f"of at most {LARGE_LOSS_BATCH} lesions (whole patients each), or no loss for embeddings.")
         encoded = self._encode(pixel_values, lesion_numerical_values, lesion_categorical_ids, patient_numerical_values,
                                patient_categorical_ids, num_patients, output_attentions, output_hidden_states)
-        image_embeds, lesion_metadata_embeds = encoded.image_embeds, encoded.lesion_metadata_embeds  # (N, D)
-        patient_metadata_embeds = encoded.patient_metadata_embeds  # (P, D)
-        phenotype_embeds = F.normalize(
-            self.aggregate_phenotype(image_embeds, lesion_metadata_embeds, patient_index, num_patients), dim=-1
-        )  # (P, D)
+        image_embeds, lesion_embeds = encoded.image_embeds, encoded.lesion_metadata_embeds  # (N, D)
+        phenotype_embeds = F.normalize(self.aggregate_phenotype(image_embeds, lesion_embeds, patient_index, num_patients),
+                                       dim=-1)  # (P, D)
         lesion_scale, patient_scale = self.logit_scales()
-        terms: NestedLossOutput | None = None
+        losses = {}
         if return_loss:
             ssl_embeds = None
             if ssl_pixel_values is not None and self.config.image_ssl_weight > 0:
                 check_pixel_values(ssl_pixel_values, "ssl_pixel_values")
                 ssl_embeds = F.normalize(self.visual_projection(self.image_tower(ssl_pixel_values)[0]), dim=-1)
             rank, world_size = distributed_context() if self.training else (0, 1)
-            inputs = dict(image_embeds=image_embeds, lesion_metadata_embeds=lesion_metadata_embeds,  # the model's outputs
-                          phenotype_embeds=phenotype_embeds, patient_metadata_embeds=patient_metadata_embeds,
+            inputs = dict(image_embeds=image_embeds, lesion_metadata_embeds=lesion_embeds,  # the model's outputs
+                          phenotype_embeds=phenotype_embeds, patient_metadata_embeds=encoded.patient_metadata_embeds,
                           lesion_logit_scale=lesion_scale, patient_logit_scale=patient_scale, ssl_image_embeds=ssl_embeds)
             terms = nested_contrastive_loss(**inputs, **self.loss_weights(), rank=rank, world_size=world_size)
+            losses = {name: getattr(terms, name) for name in ("loss", "lesion_loss", "patient_loss", "image_ssl_loss")}
             logits_per_image, logits_per_phenotype = terms.logits_per_image, terms.logits_per_phenotype
         else:
-            logits_per_image = lesion_scale * image_embeds @ lesion_metadata_embeds.t()  # (N, N)
-            logits_per_phenotype = patient_scale * phenotype_embeds @ patient_metadata_embeds.t()  # (P, P)
-        output = SLIMPOutput(
-            loss=terms.loss if terms else None,
-            lesion_loss=terms.lesion_loss if terms else None,
-            patient_loss=terms.patient_loss if terms else None,
-            image_ssl_loss=terms.image_ssl_loss if terms else None,
-            logits_per_image=logits_per_image,
-            logits_per_phenotype=logits_per_phenotype,
-            phenotype_embeds=phenotype_embeds,
-            **encoded,  # the embeddings, tower outputs and tower model outputs (`encode`)
-        )
+            logits_per_image = lesion_scale * image_embeds @ lesion_embeds.t()  # (N, N)
+            logits_per_phenotype = patient_scale * phenotype_embeds @ encoded.patient_metadata_embeds.t()  # (P, P)
+        output = SLIMPOutput(**losses, logits_per_image=logits_per_image, logits_per_phenotype=logits_per_phenotype,
+                             phenotype_embeds=phenotype_embeds, **encoded)  # + embeddings and tower outputs (`encode`)
         return output if return_dict else output.to_tuple()
 
 
@@ -454,10 +442,9 @@ class SLIMPForLesionClassification(SLIMPPreTrainedModel):
     `pipeline("image-classification")`, which passes only `pixel_values`, works and its path is affine
     in the image feature (exportable to a built-in classifier). A head fitted on metadata or context is
     not fitted for that path, so it then warns, once per process (its model card scores it: "test, images only";
-an explicit `patient_index`, e.g. `torch.arange(N)`, states the images-only use and does not warn). For
-    a patient whose lesions do not fit
-    in one batch, compute `lesion_features` batch by batch, pool them with `pooling.PatientSums` and call
-    `classify` (what the project's evaluation does), so the context covers all of the patient's lesions.
+    an explicit `patient_index`, e.g. `torch.arange(N)`, states the images-only use and does not warn). For a
+    patient whose lesions do not fit in one batch, compute `lesion_features` batch by batch and call `classify`
+    with `pooling.patient_context` over all of them (what `training/embeddings.py` does).
     """
 
     accepts_loss_kwargs = True  # `Trainer` passes `num_items_in_batch`, the loss's divisor under accumulation
