@@ -282,7 +282,7 @@ def run_one(args: QualityArguments, variant: str, seed: int, dataset_dir: str, s
         tail = outcome["history"][-3:]
         pretrained = {"global_step": outcome["global_step"], "final_train": outcome["history"][-1] if tail else {},
                       "patient_loss_last": float(np.mean([r["train/patient_loss"] for r in tail])) if tail else None,
-                      "chance_patient_loss": math.log(pretrain.parse_args(train_argv)[0].patients_per_batch),
+                      "chance_patient_loss": math.log(outcome["data_args"]["patients_per_batch"]),
                       "validation": outcome.get("validation")}
     pretrain_s = time.perf_counter() - start
     label_names = list(splits["train"].features["label"].names)

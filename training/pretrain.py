@@ -333,7 +333,7 @@ def pretrain(data_args: DataArguments, model_args: ModelArguments, args: TrainAr
     history = train_loop(model, optimizer, scheduler, loader, sampler, BatchTransform(processor), accelerator, args, state,
                          max_steps, validation_split, eval_collator, warned_without_negatives=warned)
     accelerator.wait_for_everyone()
-    result = {"global_step": state["global_step"], "history": history}
+    result = {"global_step": state["global_step"], "history": history, "data_args": asdict(data_args)}
     if state["global_step"] >= max_steps and accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         final_validation = validate(unwrapped, eval_collator, validation_split) if validation_split is not None else None
