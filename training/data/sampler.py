@@ -151,6 +151,8 @@ class PatientBatchSampler(Sampler[list[int]]):
             rank = torch.distributed.get_rank() if distributed else 0
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        # Patients are grouped by id as everywhere (`schema_slimp.factorize`), but numbered in sorted order, not in
+        # order of first appearance: the epoch plan depends on the set of patients and the seed, never on row order.
         codes, uniques = pd.factorize(np.asarray(patient_ids, dtype=object), sort=True)
         if len(codes) == 0:
             raise ValueError("patient_ids is empty")
