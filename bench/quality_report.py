@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS
+
 from training.probe import FEATURE_SETS, summarise
 
 # The colour of the skin around the lesion (L*, a*, b*, chroma, hue and the std of L*): the image shows it too,
@@ -33,7 +35,7 @@ VARIANTS: dict[str, tuple[list[str] | None, str]] = {
 }
 SLIMP_VARIANTS = ("slimp_mean", "slimp_attention", "slimp_ssl", "slimp_noext")
 DEFAULT_VARIANTS = ("random", "simclr", "clip_flat", "slimp_mean", "slimp_attention", "slimp_ssl")
-REPRESENTATIONS = ("tower", "projection")
+REPRESENTATIONS = CLASSIFIER_REPRESENTATIONS  # tower outputs before the projections, or the projected embeddings
 SPLITS = ("train", "validation", "test")
 CONTEXT = "image+metadata+context"  # the headline probe: what a dermatologist sees
 # (metric key without the representation, column title) of the main table.
