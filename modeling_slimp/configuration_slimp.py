@@ -45,7 +45,9 @@ class SLIMPMetadataConfig(PreTrainedConfig):
 
     Args:
         numerical_features (`list[str]`): column names of the numerical features, in input order.
-        categorical_features (`dict[str, list[str]]`): column name -> category vocabulary, in input order.
+        categorical_features (`dict[str, list[str]]`): column name -> category vocabulary. Kept sorted by column
+            name, the input order: `config.json` stores its keys sorted, so any other order would feed a loaded
+            model's categorical tokens in another order than it was trained with.
             Category id 0 is reserved for "missing/unknown"; vocabulary entry `j` has id `j + 1`.
         numerical_mean, numerical_std (`list[float]`): normalisation statistics, one per numerical
             feature (fitted on the training split). Defaults: 0 and 1.
@@ -74,7 +76,8 @@ class SLIMPMetadataConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.numerical_features = list(self.numerical_features or [])
-        self.categorical_features = {str(k): [str(c) for c in v] for k, v in (self.categorical_features or {}).items()}
+        self.categorical_features = {str(k): [str(c) for c in v]
+                                     for k, v in sorted((self.categorical_features or {}).items(), key=lambda kv: str(kv[0]))}
         n = len(self.numerical_features)
         self.numerical_mean = [float(v) for v in self.numerical_mean] if self.numerical_mean is not None else [0.0] * n
         self.numerical_std = [float(v) for v in self.numerical_std] if self.numerical_std is not None else [1.0] * n

@@ -130,9 +130,9 @@ def test_the_default_config_and_the_isic2024_converter_read_the_same_columns():
     config = SLIMPConfig()
     lesion, patient = config.lesion_metadata_config, config.patient_metadata_config
     assert tuple(lesion.numerical_features) == ISIC2024.lesion_numerical
-    assert tuple(lesion.categorical_features) == ISIC2024.lesion_categorical
+    assert list(lesion.categorical_features) == sorted(ISIC2024.lesion_categorical)  # a config keeps them sorted
     assert tuple(patient.numerical_features) == ISIC2024.patient_numerical
-    assert tuple(patient.categorical_features) == ISIC2024.patient_categorical
+    assert list(patient.categorical_features) == sorted(ISIC2024.patient_categorical)
     assert "tbp_lv_location" in lesion.categorical_features
     features = lesion.feature_names + patient.feature_names
     assert not [f for f in features if contract.leaks_label(f)]

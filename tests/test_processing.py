@@ -230,6 +230,32 @@ def test_save_next_to_a_model_keeps_its_config(tmp_path):
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 
 
+def test_a_model_reads_its_categorical_columns_in_the_same_order_after_loading(tmp_path):
+    # The ISIC 2024 CSV (and a schema fitted on it) lists tbp_tile_type before anatom_site_general; config.json
+    # stores its keys sorted. A model trained in the first order and loaded in the second would read each lesion's
+    # tile type through the site's embedding: the same rows must give the same inputs and the same outputs.
+    from conftest import LESION_CATEGORICAL
+
+    config = tiny_config()
+    lesion = config.lesion_metadata_config.to_dict()
+    lesion["categorical_features"] = dict(reversed(list(LESION_CATEGORICAL.items())))
+    config.lesion_metadata_config = SLIMPMetadataConfig(**{k: v for k, v in lesion.items() if k != "model_type"})
+    assert list(config.lesion_metadata_config.categorical_features) == sorted(LESION_CATEGORICAL)
+    torch.manual_seed(0)
+    model = SLIMPModel(config).eval()
+    proc = SLIMPProcessor(config=config)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded_model = SLIMPModel.from_pretrained(tmp_path).eval()
+    loaded = SLIMPProcessor.from_pretrained(tmp_path, config=loaded_model.config)
+    images = rgb_images(len(ROWS))
+    batch, loaded_batch = proc(images=images, metadata=ROWS), loaded(images=images, metadata=ROWS)
+    assert_batches_equal(loaded_batch, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_model(**loaded_batch).lesion_metadata_embeds, model(**batch).lesion_metadata_embeds,
+                                   rtol=0, atol=0)
+
+
 def test_refuses_to_save_next_to_a_different_schema(tmp_path):
     SLIMPModel(tiny_config()).save_pretrained(tmp_path)
     other = tiny_config()
@@ -244,7 +270,7 @@ def test_images_as_numpy_torch_lists_and_a_datasets_column_give_the_same_pixels(
     pil = rgb_images(3)
     proc = processor()
     expected = proc(images=pil)["pixel_values"]
-    arrays = [np.asarray(image) for image in pil]  # (H, W, 3) uint8
+    arrays = [np.array(image) for image in pil]  # (H, W, 3) uint8, writable (torch.from_numpy warns on a read-only view)
     tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]  # (3, H, W) uint8
     floats = [a.astype(np.float32) / 255 for a in arrays]  # (H, W, 3) in [0, 1]
     column = datasets.Dataset.from_dict({"image": pil}, features=datasets.Features({"image": datasets.Image()}))["image"]
