@@ -62,15 +62,14 @@ class SLIMPOutput(ModelOutput):
     lesion_loss (`()`): symmetric InfoNCE of images vs lesion metadata.
     patient_loss (`()`): symmetric InfoNCE of phenotypes vs patient metadata (0 with fewer than 2 patients).
     image_ssl_loss (`()`): SimCLR NT-Xent between two views, when `ssl_pixel_values` and w > 0.
-    logits_per_image (`(N, N)`): lesion scale · image_embeds @ lesion_metadata_embedsᵀ. In training mode
-        under `torch.distributed` with `return_loss=True`: (N_local, N_global), this process's rows.
+    logits_per_image (`(N, N)`): lesion scale · image_embeds @ lesion_metadata_embedsᵀ; None for images alone. In
+        training mode under `torch.distributed` with `return_loss=True`: (N_local, N_global), this process's rows.
     logits_per_phenotype (`(P, P)`): patient scale · phenotype_embeds @ patient_metadata_embedsᵀ (same rule).
     image_embeds, lesion_metadata_embeds (`(N, D)`), phenotype_embeds, patient_metadata_embeds (`(P, D)`):
         L2-normalised embeddings.
     image_pooled_output (`(N, C)`), lesion_metadata_pooled_output (`(N, H)`), patient_metadata_pooled_output
         (`(P, H')`): the tower outputs before the projections (pooled image feature, metadata [CLS]).
-    vision_model_output, lesion_metadata_model_output, patient_metadata_model_output: each tower's own output
-        (with its hidden states and attention maps when asked).
+    vision_model_output, lesion_metadata_model_output, patient_metadata_model_output: each tower's own output.
     hidden_states, attentions: the image tower's, with `output_hidden_states` / `output_attentions` (as in an
         image classifier's output; also in `vision_model_output`).
     """
@@ -384,8 +383,8 @@ class SLIMPModel(SLIMPPreTrainedModel):
         patients) and the loss is the global-batch loss; in eval mode (validation) it is the loss of this
         process's batch. Its (N, N) logits grow with the square of the batch: above `LARGE_LOSS_BATCH` lesions
         (8,192) in one forward it warns; split such a set into batches of whole patients (the loss of a
-        validation set is the mean over its batches) or evaluate without the loss. `output_attentions`,
-        `output_hidden_states` and `return_dict` default to the config's values, as in any transformers model.
+        validation set is the mean over its batches) or evaluate without the loss. Output flags default to the
+        config's. Images alone (no metadata): no logits, `image_embeds` first (`pipeline("image-feature-extraction")`).
         """
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict)
@@ -415,9 +414,11 @@ class SLIMPModel(SLIMPPreTrainedModel):
             terms = nested_contrastive_loss(**inputs, **self.loss_weights(), rank=rank, world_size=world_size)
             losses = {name: getattr(terms, name) for name in ("loss", "lesion_loss", "patient_loss", "image_ssl_loss")}
             logits_per_image, logits_per_phenotype = terms.logits_per_image, terms.logits_per_phenotype
-        else:
-            logits_per_image = lesion_scale * image_embeds @ lesion_embeds.t()  # (N, N)
-            logits_per_phenotype = patient_scale * phenotype_embeds @ encoded.patient_metadata_embeds.t()  # (P, P)
+        else:  # (N, N) and (P, P); none for images alone (similarities with all-missing metadata mean nothing)
+            given = any(t is not None for t in (lesion_numerical_values, lesion_categorical_ids, patient_numerical_values,
+                                                patient_categorical_ids))
+            logits_per_image = lesion_scale * image_embeds @ lesion_embeds.t() if given else None
+            logits_per_phenotype = patient_scale * phenotype_embeds @ encoded.patient_metadata_embeds.t() if given else None
         output = SLIMPOutput(**losses, logits_per_image=logits_per_image, logits_per_phenotype=logits_per_phenotype,
                              phenotype_embeds=phenotype_embeds, **encoded)  # + embeddings and tower outputs (`encode`)
         return output if return_dict else output.to_tuple()

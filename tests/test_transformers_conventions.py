@@ -215,3 +215,30 @@ def test_torch_compile_fullgraph_with_patient_index_matches_eager():
         expected, out = model(**batch, return_loss=True), compiled(**batch, return_loss=True)
     for key in ("loss", "phenotype_embeds", "logits_per_image"):
         torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_image_feature_extraction_pipeline_gives_each_image_its_embedding(tmp_path):
+    # The base model's card says pipeline_tag: image-feature-extraction; that pipeline returns the model's first
+    # output, which for images alone must be the image embedding (N, D), not an image-metadata similarity: the
+    # L2-normalised projection, as `image_embeds` (get_image_features gives it before normalising, as CLIP's).
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    from modeling_slimp import SLIMPProcessor
+
+    torch.manual_seed(0)
+    model = SLIMPModel(tiny_config()).eval()
+    processor = SLIMPProcessor(config=model.config)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(2)]
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path), device="cpu")
+    features = torch.tensor([extractor(image)[0] for image in images])  # (2, D)
+    with torch.no_grad():
+        expected = model.get_image_features(**processor(images=images)).pooler_output
+        images_only = model(**processor(images=images))
+    assert images_only.logits_per_image is None and images_only.logits_per_phenotype is None
+    assert features.shape == (2, model.config.projection_dim)
+    torch.testing.assert_close(features, torch.nn.functional.normalize(expected, dim=-1), rtol=1e-5, atol=1e-5)
