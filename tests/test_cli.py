@@ -82,6 +82,40 @@ BAD_ARGUMENTS = [
 ]
 
 
+def test_a_missing_model_or_dataset_folder_is_one_line_naming_the_option(tmp_path, capsys, monkeypatch):
+    # Offline, a folder that does not exist cannot be a Hub repository either: say so, instead of a Hub
+    # download traceback that blames the network; online, a value that cannot be a repository id says the same.
+    from training import extrapolate
+    from training.arguments import DatasetNotFoundError
+    from training.data.dataset import read_schema
+
+    model, data, out = tmp_path / "model", tmp_path / "data", str(tmp_path / "out")
+    model.mkdir(), data.mkdir()
+    cases = [
+        (finetune.main, ["--model_dir", MISSING, "--dataset_dir", str(data), "--output_dir", out], "--model_dir"),
+        (finetune.main, ["--model_dir", str(model), "--dataset_dir", MISSING, "--output_dir", out], "--dataset_dir"),
+        (evaluate.main, ["--model_dir", MISSING, "--dataset_dir", str(data), "--output_dir", out], "--model_dir"),
+        (evaluate.main, ["--model_dir", str(model), "--dataset_dir", MISSING, "--output_dir", out], "--dataset_dir"),
+        (extrapolate.main, ["--model_dir", str(model), "--target_dir", MISSING, "--reference_dir", str(data), "--output_dir", out],
+         "--target_dir"),
+    ]
+    for main, argv, option in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {option} {MISSING}: no such folder; offline (HF_HUB_OFFLINE=1), so no Hub "
+                       f"{'model' if option == '--model_dir' else 'dataset'} is fetched either"], err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: evaluate.main(["--model_dir", "outputs/no such model", "--dataset_dir", str(data), "--output_dir", out]))
+    assert "no such folder; nor a Hub repository id" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetNotFoundError, match="no such dataset folder") as raised:  # a DatasetError: one line in a script
+        read_schema("org/absent-dataset")
+    assert isinstance(raised.value, FileNotFoundError)
+
+
 @pytest.mark.parametrize("main, argv, message", BAD_ARGUMENTS, ids=[" ".join(a[-2:]) for _, a, _ in BAD_ARGUMENTS])
 def test_a_bad_argument_is_one_line_before_any_data_is_read(main, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

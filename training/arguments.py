@@ -137,6 +137,22 @@ class DatasetError(ValueError):
     """A dataset that cannot work for this run (one class in a split, too few patients): names the split."""
 
 
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """No dataset at that path or Hub id (still a `FileNotFoundError` for callers that catch that)."""
+
+
+def check_source(path, option: str, kind: str) -> None:
+    """An argument naming a local folder or a Hub repository (`kind`: "model" or "dataset"): when no such folder
+    exists here and the Hub cannot be asked (HF_HUB_OFFLINE) or the value cannot be a repository id, one error
+    line now instead of a Hub download traceback that blames the network."""
+    if os.path.exists(path):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path)):
+        why = f"offline (HF_HUB_OFFLINE=1), so no Hub {kind} is fetched either" if offline else "nor a Hub repository id"
+        raise ArgumentError(f"{option} {path}: no such folder; {why}")
+
+
 def run_cli(main, errors: tuple[type[BaseException], ...] = (ArgumentError,)):
     """Run a script's `main()`; an expected error (a bad argument, a damaged checkpoint, bad data, an output
     folder it may not write) is printed as one `error:` line on stderr and the process exits with status 2,

@@ -39,7 +39,7 @@ import torch
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
 from modeling_slimp.configuration_slimp import CLASSIFIER_REPRESENTATIONS, DEFAULT_CLASSIFIER_REPRESENTATION, FEATURE_SETS
-from training.arguments import ArgumentError, parse_dataclasses, run_cli
+from training.arguments import ArgumentError, check_source, parse_dataclasses, run_cli
 from training.data.collate import DecodingCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import embed_split
@@ -223,6 +223,8 @@ def split_info(dataset, label_names: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_source(args.model_dir, "--model_dir", "model")
+    check_source(args.dataset_dir, "--dataset_dir", "dataset")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = SLIMPModel.from_pretrained(args.model_dir).to(device).eval()

@@ -49,7 +49,7 @@ from transformers import (
 
 from modeling_slimp import SLIMPForLesionClassification, SLIMPProcessor
 from modeling_slimp.modeling_slimp import vision_feature_size
-from training.arguments import ArgumentError, parse_dataclasses, run_cli
+from training.arguments import ArgumentError, check_source, parse_dataclasses, run_cli
 from training.release import is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def main(args: ExportWidgetArguments | list[str] | None = None) -> float:
     """Export, reload without SLIMP code, verify; returns the max logit difference. Exits with status 1 beyond atol."""
     if not isinstance(args, ExportWidgetArguments):
         (args,) = parse_dataclasses((ExportWidgetArguments,), args)
+    check_source(args.model_dir, "--model_dir", "model")
     model = SLIMPForLesionClassification.from_pretrained(args.model_dir).eval()
     if model.config.classifier_features != "image":
         logger.warning("%s reads %s; the widget gets images only (metadata missing, no patient context), which its head "

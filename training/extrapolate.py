@@ -44,7 +44,7 @@ import torch
 
 from modeling_slimp import SLIMPConfig, SLIMPModel, SLIMPProcessor
 from modeling_slimp.schema_slimp import as_category, parse_number
-from training.arguments import ArgumentError, parse_dataclasses, run_cli
+from training.arguments import ArgumentError, check_source, parse_dataclasses, run_cli
 from training.data.collate import DecodingCollator
 from training.data.dataset import column_list, load_slimp_dataset
 from training.embeddings import embed_split
@@ -446,6 +446,10 @@ def downstream(args: ExtrapolateArguments, extract, cache: dict, target, hidden,
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_source(args.model_dir, "--model_dir", "model")
+    for option in ("reference_dir", "target_dir"):
+        if getattr(args, option) is not None:
+            check_source(getattr(args, option), f"--{option}", "dataset")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.save_bank:
         check_bank_path(args.save_bank, args.allow_bank_in_model_dir)  # refuse before any work

@@ -62,7 +62,7 @@ from modeling_slimp.configuration_slimp import (
     DEFAULT_CLASSIFIER_FEATURES,
     DEFAULT_CLASSIFIER_REPRESENTATION,
 )
-from training.arguments import ArgumentError, DatasetError, parse_dataclasses, run_cli
+from training.arguments import ArgumentError, DatasetError, check_source, parse_dataclasses, run_cli
 from training.checkpointing import CheckpointError, find_trainer_checkpoint, write_manifest
 from training.data.collate import AugmentingCollator, DecodingCollator
 from training.data.dataset import class_counts, column_list, load_slimp_dataset
@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, in memory) on the main process."""
     data_args, model_args, args = parse_args(argv)
     check_outputs(data_args, model_args, args)
+    check_source(model_args.model_dir, "--model_dir", "model")
+    check_source(data_args.dataset_dir, "--dataset_dir", "dataset")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with locked({"release folder (--output_dir)": args.output_dir, "checkpoint folder (--checkpoint_dir)": args.checkpoint_dir},
                 enabled=int(os.environ.get("RANK", "0")) == 0):

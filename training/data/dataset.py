@@ -34,7 +34,9 @@ def read_schema(path: Union[str, os.PathLike]) -> dict:
         try:
             schema_file = hf_hub_download(str(path), SCHEMA_FILE, repo_type="dataset")
         except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
-            raise FileNotFoundError(f"{path}: no such dataset folder, and no Hub dataset of that id could be read "
+            from training.arguments import DatasetNotFoundError
+
+            raise DatasetNotFoundError(f"{path}: no such dataset folder, and no Hub dataset of that id could be read "
                                     f"({type(error).__name__}; offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})"
                                     ) from None
     return json.loads(Path(schema_file).read_text())
