@@ -188,6 +188,9 @@ class SLIMPProcessor(ProcessorMixin):
 
     # ----- encoding -----
     def __call__(self, images=None, metadata=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        if kwargs:  # a misspelt `metadata=` would otherwise drop every row's metadata without a word
+            raise TypeError(f"SLIMPProcessor got unexpected keyword argument(s) {sorted(kwargs)}; it takes images=, "
+                            "metadata= (rows with the dataset's column names) and return_tensors=.")
         data: dict[str, Any] = {}
         count = None
         if images is not None:

@@ -205,6 +205,14 @@ def test_a_column_full_of_nan_is_left_out_of_the_schema_with_a_warning(caplog):
     assert torch.isfinite(out.loss) and torch.isfinite(out.image_embeds).all()
 
 
+def test_a_misspelt_keyword_is_an_error_not_dropped_metadata():
+    proc = processor()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['metdata'\]"):
+        proc(images=rgb_images(1), metdata=ROWS[:1])
+    with pytest.raises(TypeError, match=r"\['image'\]"):
+        proc(image=rgb_images(1))
+
+
 def test_save_and_load_alone(tmp_path):
     proc = processor()
     proc.save_pretrained(tmp_path)
