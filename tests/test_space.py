@@ -86,6 +86,15 @@ def test_probabilities_read_as_percentages_never_as_zero():
         "42.3%", "0.42%", "0.0042%", "<0.001%", "<0.001%", ">99.9%", "100%"]
 
 
+def test_help_describes_the_demo_in_whole_sentences(capsys):
+    from app import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ranked as the ISIC 2024 patient-level metric ranks them" in text and "looks at first)." in text
+
+
 def fake_lesions(n: int) -> list:
     from app import ScoredLesion, highlight_count
 

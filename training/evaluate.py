@@ -110,7 +110,8 @@ def render_markdown(results: dict) -> str:
     lines = [f"# SLIMP evaluation: `{results['model_dir']}` on `{results['dataset_dir']}`", "",
              f"Frozen features ({results['representation']} representation); logistic-regression probe trained on "
              f"`{results['train_split']}`; "
-             f"mean ± std over {results['num_seeds']} seed(s) {results['seeds']}. Splits are patient-disjoint.", "",
+             f"k-shot rows: mean ± std over {results['num_seeds']} seed(s) {results['seeds']} (the full probe's solver is "
+             "deterministic: it is fitted once, so its std is 0). Splits are patient-disjoint.", "",
              "| split | patients | lesions | labels |", "|---|---|---|---|"]
     for split, info in results["splits"].items():
         counts = ", ".join(f"{name}: {n}" for name, n in info["labels"].items())

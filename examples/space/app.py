@@ -310,7 +310,7 @@ def open_image(path: str) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--model_dir", default=os.environ.get("SLIMP_MODEL"), help="a SLIMPForLesionClassification folder or Hub id")
     parser.add_argument("--bank_dir", default=os.environ.get("SLIMP_BANK"), help="a reference bank (training/extrapolate.py --save_bank)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)), help="the server's port")

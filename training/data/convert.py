@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--test-fraction", type=fraction, default=0.2, help="fraction of patients")
     common.add_argument("--seed", type=int, default=0, help="split seed (and generator seed for synthetic)")
     common.add_argument("--strict", action="store_true", help="a bad row is an error, not an exclusion")
-    common.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    common.add_argument("--overwrite", action="store_true", help="replace a dataset this converter wrote in --output-dir (any other non-empty folder is refused)")
     common.add_argument("--restart", action="store_true", help="do not resume from an interrupted run")
     common.add_argument("--work-dir", help="resumable work folder (default: OUTPUT_DIR.partial)")
     common.add_argument("--image-check", choices=("decode", "open", "none"), default="decode",
