@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source_name", default="own-csv", help="dataset name shown in the model card")
     parser.add_argument("--license", default="other", help="licence of your data (a Hub licence id)")
     args, finetune_args = parser.parse_known_args(argv)
+    for option in ("model_dir", "csv", "image_dir"):  # one usage line, not a traceback, for a path that is not there
+        if getattr(args, option) and not Path(getattr(args, option)).exists():
+            parser.error(f"--{option} {getattr(args, option)}: no such file or folder")
 
     dataset_dir = Path(args.dataset_dir or f"{Path(args.output_dir)}-dataset")
     csv_to_dataset(args, SLIMPConfig.from_pretrained(args.model_dir), dataset_dir)

@@ -18,9 +18,9 @@ above the index's mean the hit lies, which is what says whether a neighbour is c
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
-
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
 from training.data.collate import DecodingCollator
@@ -45,15 +45,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query_image_id", help="the query lesion's image_id (instead of --query_index)")
     parser.add_argument("--k", type=int, default=5, help="neighbours listed per ranking")
     args = parser.parse_args(argv)
+    for option in ("model_dir", "dataset_dir"):  # one usage line, not a traceback, for a folder that is not there
+        if not Path(getattr(args, option)).exists():
+            parser.error(f"--{option} {getattr(args, option)}: no such folder")
 
     model = SLIMPModel.from_pretrained(args.model_dir).eval()
     collator = DecodingCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)
     index, schema = load_slimp_dataset(args.dataset_dir, args.index_split)
     label_names = schema["label"]["names"]
-    index_vectors = lesion_vectors(embed_split(model, index, collator))
-
     queries, _ = load_slimp_dataset(args.dataset_dir, args.query_split)
+    if args.query_image_id and args.query_image_id not in queries["image_id"]:
+        parser.error(f"--query_image_id {args.query_image_id}: not in split '{args.query_split}'")
+    if not args.query_image_id and not 0 <= args.query_index < len(queries):
+        parser.error(f"--query_index {args.query_index}: split '{args.query_split}' has rows 0 to {len(queries) - 1}")
     row = queries["image_id"].index(args.query_image_id) if args.query_image_id else args.query_index
+    index_vectors = lesion_vectors(embed_split(model, index, collator))
     query = queries[row]
     # The query's patient comes along: patient-level inputs are read from the patient's rows.
     patient = queries.filter(lambda patient_id: patient_id == query["patient_id"], input_columns="patient_id")

@@ -144,3 +144,30 @@ def test_trainer_finetune_trains_saves_and_scores_through_a_pipeline(synthetic, 
     assert (output / "model.safetensors").is_file() and (output / "processor_config.json").is_file()
     scores = stdout.split("): ", 1)[1]
     assert "'label': 'malignant'" in scores and "'label': 'benign'" in scores
+
+
+def example_main(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{script[:-3]}", REPO / "examples" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_a_path_that_is_not_there_is_one_usage_error_not_a_traceback(synthetic, tmp_path, capsys):  # noqa: F811
+    missing = str(tmp_path / "lesion.jpg")
+    cases = [
+        ("embed_and_classify.py", ["--model_dir", synthetic.checkpoint_dir, "--image", missing], f"--image {missing}: no such"),
+        ("retrieve_similar_lesions.py", ["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", missing], "--dataset_dir"),
+        ("retrieve_similar_lesions.py", ["--model_dir", synthetic.checkpoint_dir, "--dataset_dir", synthetic.dataset_dir,
+                                         "--query_index", "99999"], "--query_index 99999: split 'test' has rows 0 to"),
+        ("lora_finetune_own_data.py", ["--model_dir", synthetic.checkpoint_dir, "--csv", missing, "--output_dir",
+                                       str(tmp_path / "out")], f"--csv {missing}: no such file or folder"),
+    ]
+    for script, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            example_main(script)(argv)
+        assert exit_info.value.code == 2, script
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (script, err)
