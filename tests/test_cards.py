@@ -75,6 +75,27 @@ def test_classifier_card(synthetic):  # noqa: F811
     assert "'label': 'benign'" in out or "'label': 'malignant'" in out
 
 
+def training_procedure(card: Path) -> dict:
+    section = card.read_text().split("## Training procedure", 1)[1]
+    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1))
+
+
+def test_classifier_cards_say_how_they_were_made_and_score_each_split_under_its_name(adapter, synthetic):  # noqa: F811
+    linear = training_procedure(Path(synthetic.classifier_dir) / "README.md")
+    assert linear["mode"] == "linear" and linear["base model"] == Path(synthetic.checkpoint_dir).name
+    assert linear["training"] == {"seed": linear["training"]["seed"], "fitted": f"logistic regression, C = {linear['probe_C']}"}
+    lora = training_procedure(adapter / "README.md")
+    assert lora["mode"] == "lora" and lora["lora_r"] == 8 and lora["training"]["max_steps"] == 1
+    for card in (Path(synthetic.classifier_dir) / "README.md", adapter / "README.md"):
+        text = card.read_text()
+        assert "hub_token" not in text and "local_rank" not in text, card
+        results = front_matter(card)["model-index"][0]["results"]
+        named = {entry["dataset"]["split"]: [m["name"] for m in entry["metrics"]] for entry in results}
+        assert set(named) == {"validation", "test"}, named
+        assert all(name.startswith("validation") for name in named["validation"])
+        assert all(name.startswith("test") for name in named["test"])
+
+
 def test_lora_adapter_card(adapter, synthetic):  # noqa: F811
     meta = front_matter(adapter / "README.md")
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-classification"
@@ -93,6 +114,9 @@ def test_widget_card(synthetic, tmp_path):  # noqa: F811
     assert meta["license"] == front_matter(Path(synthetic.classifier_dir) / "README.md")["license"] == "cc-by-4.0"
     assert "base_model" not in meta
     assert "'score'" in run_blocks(out_dir / "README.md", out_dir)
+    text = " ".join((out_dir / "README.md").read_text().split())
+    assert "export** of the SLIMP lesion classifier" in text and " the a " not in text
+    assert "Its head was fitted on `image+lesion+patient+context`" in text  # the fixture's linear head reads everything
 
 
 def test_dataset_card(synthetic):  # noqa: F811

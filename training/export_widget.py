@@ -174,7 +174,12 @@ def model_card(model: SLIMPForLesionClassification, widget: PreTrainedModel, bas
         license=license, library_name="transformers", pipeline_tag="image-classification", base_model=base_model,
         datasets=datasets or None, tags=["slimp", "dermatology", "skin-lesion", "medical"],
     )
-    source = f"SLIMP lesion classifier `{base_model}`" if base_model else "a SLIMP lesion classifier"
+    source = f"SLIMP lesion classifier `{base_model}`" if base_model else "SLIMP lesion classifier"
+    reads = model.config.classifier_features
+    caveat = "" if reads == "image" else (
+        f"\n\n**Its head was fitted on `{reads}`**, and this export gets the image alone (metadata missing, no patient "
+        "context), which it was not fitted on: the classifier card's `test, images only` row scores that use. For a "
+        "widget, export a classifier fine-tuned with `--classifier_features image`.")
     content = f"""---
 {data.to_yaml()}
 ---
@@ -188,7 +193,7 @@ patient, all lesion and patient metadata missing): the SLIMP head and projection
 layer on the `{type(model.config.vision_config).__name__}` backbone. Labels: {labels}.
 
 For predictions that use lesion and patient metadata, load the full {source} with
-`trust_remote_code=True` and its `SLIMPProcessor`.
+`trust_remote_code=True` and its `SLIMPProcessor`.{caveat}
 
 ```python
 from transformers import pipeline

@@ -406,6 +406,22 @@ def save_adapter_code(model, output_dir: str) -> None:
     base.config.save_pretrained(output_dir)
 
 
+# What decided a run, for its card: every TrainingArguments value is in results.json (tokens masked).
+CARD_TRAINING_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                      "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "bf16", "gradient_checkpointing")
+
+
+def card_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: dict) -> dict:
+    """The card's "Training procedure": the mode and base checkpoint first, the classifier and data arguments,
+    and the optimisation arguments a gradient-trained mode used (a linear head is fitted, not stepped)."""
+    model = dataclasses.asdict(model_args)
+    training = {key: train_args[key] for key in CARD_TRAINING_KEYS if key in train_args}
+    if model_args.mode == "linear":
+        training = {"seed": train_args.get("seed"), "fitted": f"logistic regression, C = {model_args.probe_C}"}
+    return public_value({"mode": model.pop("mode"), "base model": model.pop("model_dir"), **model,
+                         "data": dataclasses.asdict(data_args), "training": training})
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Returns {"classification": {split: metrics}, "history", "class_weights", "mode", "model"} (the saved
     model, in memory) on the main process."""
@@ -484,7 +500,8 @@ def finetune(data_args: DataArguments, model_args: ModelArguments, args: Finetun
                       positive_label=label_names[positive])
         train_args = {**args.to_dict(), "learning_rate": None if model_args.mode == "linear" else args.learning_rate}
         results = {**result, "train_args": public_value(train_args), "data_args": public_value(dataclasses.asdict(data_args)),
-                   "model_args": public_value(dataclasses.asdict(model_args))}
+                   "model_args": public_value(dataclasses.asdict(model_args)),
+                   "card_args": card_arguments(model_args, data_args, train_args)}
         result["model"] = save_outputs(model, processor, model_args, data_args, args, schema, results).eval()
     return result
 

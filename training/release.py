@@ -205,7 +205,8 @@ def render_model_card(config, schema: dict, dataset_dir: str, results: dict, tas
            "0.098%): this checkpoint is a software demonstration, not a skin model." if source == "synthetic" else ""),
         "METADATA_FEATURES": _features(config),
         "RESULTS": _results_table(results),
-        "TRAINING_ARGS": "```yaml\n" + yaml.safe_dump(public_value(results.get("train_args", {})), sort_keys=False) + "```",
+        "TRAINING_ARGS": "```yaml\n" + yaml.safe_dump(public_value(results.get("card_args", results.get("train_args", {}))),
+                                                  sort_keys=False) + "```",
     }
     for key, value in fills.items():
         body = body.replace("{{" + key + "}}", value)
@@ -223,13 +224,16 @@ def _model_index(name: str, source: str, results: dict, task: str) -> list[dict]
             feature_set = row.split(" / ")[1]
             metrics += [{"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"linear probe AUROC ({feature_set})"},
                         {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"linear probe pAUC>80%TPR ({feature_set})"}]
-    for split, values in (results.get("classification") or {}).items():
-        metrics += [{"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"{split} AUROC"},
-                    {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"{split} pAUC>80%TPR"}]
-    task_type = "image-feature-extraction" if task == "pretraining" else "image-classification"
-    return [{"name": name, "results": [{"task": {"type": task_type, "name": "malignancy classification"},
-                                         "dataset": {"type": source, "name": source, "split": "test"},
-                                         "metrics": metrics or [{"type": "roc_auc", "value": None, "name": "not measured"}]}]}]
+    by_split = {"test": metrics} if metrics else {}
+    for split, values in (results.get("classification") or {}).items():  # each under its own split ("test, images only": test)
+        by_split.setdefault(split.split(",")[0], []).extend([
+            {"type": "roc_auc", "value": round(values["auroc"], 4), "name": f"{split} AUROC"},
+            {"type": "isic2024_pauc", "value": round(values["pauc_80tpr"], 4), "name": f"{split} pAUC>80%TPR"}])
+    task = {"type": "image-feature-extraction" if task == "pretraining" else "image-classification", "name": "malignancy classification"}
+    entries = [{"task": task, "dataset": {"type": source, "name": source, "split": split}, "metrics": split_metrics}
+               for split, split_metrics in by_split.items()]
+    return [{"name": name, "results": entries or [{"task": task, "dataset": {"type": source, "name": source, "split": "test"},
+                                                   "metrics": [{"type": "roc_auc", "value": None, "name": "not measured"}]}]}]
 
 
 def _architecture(config) -> str:
