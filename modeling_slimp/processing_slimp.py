@@ -17,6 +17,7 @@ value), never value by value; missing values and category spellings follow `sche
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections import Counter
@@ -103,6 +104,18 @@ class _NoTokenizer:
         return None
 
 
+def _column_names(metadata) -> list:
+    """The column names of rows in any accepted form (a list of dicts: those of its first 100 rows)."""
+    if hasattr(metadata, "column_names"):
+        return list(metadata.column_names)
+    if hasattr(metadata, "columns"):
+        return list(metadata.columns)
+    if isinstance(metadata, Mapping):
+        return list(metadata)
+    rows = [row for row in list(metadata)[:100] if isinstance(row, Mapping)] if isinstance(metadata, (list, tuple)) else []
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 class SLIMPProcessor(ProcessorMixin):
     """Turns images and raw metadata rows into `SLIMPModel` inputs (a transformers `ProcessorMixin`).
 
@@ -136,6 +149,7 @@ class SLIMPProcessor(ProcessorMixin):
         self.invalid_numbers: Counter = Counter()
         self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> `category_codes` cache
         self._warned_absent: set[str] = set()
+        self._warned_values: set[tuple[str, str]] = set()
 
     @property
     def tokenizer(self) -> _NoTokenizer:
@@ -145,7 +159,7 @@ class SLIMPProcessor(ProcessorMixin):
     def to_dict(self) -> dict[str, Any]:
         """The processor's settings; the schema is not repeated here (it is the model's `config.json`)."""
         output = super().to_dict()
-        for key in ("config", "unknown_categories", "invalid_numbers", "_warned_absent"):
+        for key in ("config", "unknown_categories", "invalid_numbers", "_warned_absent", "_warned_values"):
             output.pop(key, None)
         if isinstance(output.get("image_processor"), dict):  # a built-in image processor: no custom-code auto_map
             output["image_processor"].pop("auto_map", None)
@@ -244,9 +258,7 @@ class SLIMPProcessor(ProcessorMixin):
     def encode_metadata(self, metadata) -> dict[str, torch.Tensor]:
         """Raw rows (DataFrame, pyarrow Table, dict of columns, list of dicts) -> the metadata tensors and
         `patient_index`: `encode_rows`, then `group_patients`."""
-        columns = self._schema_columns(metadata)
-        num_rows = row_count(columns) if columns else row_count(as_columns(metadata))
-        self.check_columns(columns)
+        columns, num_rows = self._read_columns(metadata)
         patient_index, num_patients = self._patient_index(columns, num_rows)
         return self.group_patients(self._encode_rows(columns, num_rows), patient_index, num_patients)
 
@@ -257,10 +269,34 @@ class SLIMPProcessor(ProcessorMixin):
         (id >= 1 in the vocabulary, -1 missing, <= -2 an unknown category). A table of any size can be
         encoded once and its rows gathered per batch (`group_patients`): the encoding of a row depends only
         on that row. Unparseable numbers are counted in `invalid_numbers` here."""
+        return self._encode_rows(*self._read_columns(metadata))
+
+    def _read_columns(self, metadata) -> tuple[dict[str, Any], int]:
+        """The schema's columns of `metadata` and its row count; absent and misspelt columns said once."""
         columns = self._schema_columns(metadata)
         num_rows = row_count(columns) if columns else row_count(as_columns(metadata))
-        self.check_columns(columns)
-        return self._encode_rows(columns, num_rows)
+        self._warn_misspelt(self.check_columns(columns), _column_names(metadata))
+        return columns, num_rows
+
+    def _warn_misspelt(self, absent: list[str], given: list[str]) -> None:
+        """A given column that is not read but nearly names an absent schema column is a typo: said once."""
+        for feature in absent:
+            close = difflib.get_close_matches(feature, [c for c in given if isinstance(c, str)], n=1, cutoff=0.85)
+            if close and ("column", close[0]) not in self._warned_values:
+                self._warned_values.add(("column", close[0]))
+                logger.warning("metadata column '%s' is not read (did you mean '%s'?): '%s' is treated as missing.",
+                               close[0], feature, feature)
+
+    def _warn_values(self, counter: Counter, problem: str, level: int = logging.WARNING) -> None:
+        """Each (feature, value) that is read as missing because it `problem`, said once per processor (by the
+        process that owns it: DataLoader workers hold copies that would say it again each epoch)."""
+        if torch.utils.data.get_worker_info() is not None:
+            return
+        for feature, value in counter:
+            if (feature, value) not in self._warned_values:
+                self._warned_values.add((feature, value))
+                logger.log(level, "metadata '%s' = %r %s: read as missing (counted in the processor's %s).", feature, value,
+                           problem, "invalid_numbers" if problem == "is not a number" else "unknown_categories")
 
     def group_patients(self, rows: Mapping[str, torch.Tensor], patient_index: torch.Tensor,
                        num_patients: int) -> dict[str, torch.Tensor]:
@@ -283,6 +319,9 @@ class SLIMPProcessor(ProcessorMixin):
         else:
             codes = codes.new_empty((num_patients, 0))
         self._count_unknown(patient, codes)
+        # info, not a warning: the schema leaves out categories that fewer than 5 training patients share, so a
+        # training split's rare values land here too, by design
+        self._warn_values(self.unknown_categories, "is not a known category", logging.INFO)
         return {
             "lesion_numerical_values": rows["lesion_numerical_values"],
             "lesion_categorical_ids": lesion_codes.clamp(min=0),
@@ -299,6 +338,7 @@ class SLIMPProcessor(ProcessorMixin):
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
         lesion_numbers, lesion_codes = self._encode(lesion, columns, num_rows)
         patient_numbers, patient_codes = self._encode(patient, columns, num_rows)
+        self._warn_values(self.invalid_numbers, "is not a number")
         return {"lesion_numerical_values": lesion_numbers, "lesion_categorical_codes": lesion_codes,
                 "patient_numerical_values": patient_numbers, "patient_categorical_codes": patient_codes}
 

@@ -424,3 +424,20 @@ def test_a_patient_id_spelled_like_a_missing_value_is_an_id():
     assert batch["patient_index"].tolist() == [0, 1, 0, 2]
     with pytest.raises(ValueError, match="row 1.*patient_id"):
         processor()(metadata=[{"patient_id": "NA"}, {"patient_id": "  "}])
+
+
+def test_unreadable_values_and_a_misspelt_column_are_said_once(caplog):
+    proc = processor()
+    rows = [{**ROWS[0], "age_approx": "sixty", "sex": "M"}, {**ROWS[1], "age_approx": "sixty"}]
+    rows = [{("tbp_lv_areaMM" if k == "tbp_lv_areaMM2" else k): v for k, v in row.items()} for row in rows]
+    with caplog.at_level("INFO", logger="modeling_slimp.processing_slimp"):
+        proc(images=rgb_images(2), metadata=rows)
+        proc(images=rgb_images(2), metadata=rows)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert warnings == ["metadata column 'tbp_lv_areaMM' is not read (did you mean 'tbp_lv_areaMM2'?): 'tbp_lv_areaMM2' is "
+                        "treated as missing.",
+                        "metadata 'age_approx' = 'sixty' is not a number: read as missing (counted in the processor's "
+                        "invalid_numbers)."], warnings
+    assert sum("'sex' = 'M' is not a known category" in m for m in infos) == 1, infos
+    assert proc.invalid_numbers[("age_approx", "sixty")] == 4 and proc.unknown_categories[("sex", "M")] == 2
