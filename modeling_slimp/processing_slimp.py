@@ -149,7 +149,6 @@ class SLIMPProcessor(ProcessorMixin):
         self.invalid_numbers: Counter = Counter()
         self._category_cache: dict[tuple, dict] = {}  # (feature, vocabulary) -> `category_codes` cache
         self._warned_absent: set[str] = set()
-        self._warned_values: set[tuple[str, str]] = set()
 
     @property
     def tokenizer(self) -> _NoTokenizer:
@@ -159,7 +158,7 @@ class SLIMPProcessor(ProcessorMixin):
     def to_dict(self) -> dict[str, Any]:
         """The processor's settings; the schema is not repeated here (it is the model's `config.json`)."""
         output = super().to_dict()
-        for key in ("config", "unknown_categories", "invalid_numbers", "_warned_absent", "_warned_values"):
+        for key in ("config", "unknown_categories", "invalid_numbers", "_warned_absent"):
             output.pop(key, None)
         if isinstance(output.get("image_processor"), dict):  # a built-in image processor: no custom-code auto_map
             output["image_processor"].pop("auto_map", None)
@@ -275,28 +274,19 @@ class SLIMPProcessor(ProcessorMixin):
         """The schema's columns of `metadata` and its row count; absent and misspelt columns said once."""
         columns = self._schema_columns(metadata)
         num_rows = row_count(columns) if columns else row_count(as_columns(metadata))
-        self._warn_misspelt(self.check_columns(columns), _column_names(metadata))
+        self.check_columns({*columns, *_column_names(metadata)})
         return columns, num_rows
 
-    def _warn_misspelt(self, absent: list[str], given: list[str]) -> None:
-        """A given column that is not read but nearly names an absent schema column is a typo: said once."""
-        for feature in absent:
-            close = difflib.get_close_matches(feature, [c for c in given if isinstance(c, str)], n=1, cutoff=0.85)
-            if close and ("column", close[0]) not in self._warned_values:
-                self._warned_values.add(("column", close[0]))
-                logger.warning("metadata column '%s' is not read (did you mean '%s'?): '%s' is treated as missing.",
-                               close[0], feature, feature)
-
-    def _warn_values(self, counter: Counter, problem: str, level: int = logging.WARNING) -> None:
-        """Each (feature, value) that is read as missing because it `problem`, said once per processor (by the
-        process that owns it: DataLoader workers hold copies that would say it again each epoch)."""
-        if torch.utils.data.get_worker_info() is not None:
-            return
-        for feature, value in counter:
-            if (feature, value) not in self._warned_values:
-                self._warned_values.add((feature, value))
-                logger.log(level, "metadata '%s' = %r %s: read as missing (counted in the processor's %s).", feature, value,
-                           problem, "invalid_numbers" if problem == "is not a number" else "unknown_categories")
+    @staticmethod
+    def _count(counter: Counter, feature: str, value: str, count: int, level: int = logging.WARNING) -> None:
+        """Counts a value read as missing (`invalid_numbers` or `unknown_categories`); its first count says so, in
+        the process that owns the processor (DataLoader workers hold copies that would say it again each epoch)."""
+        if (feature, value) not in counter and torch.utils.data.get_worker_info() is None:
+            problem, name = ("is not a number", "invalid_numbers") if level == logging.WARNING else \
+                ("is not a known category", "unknown_categories")
+            logger.log(level, "metadata '%s' = %r %s: read as missing (counted in the processor's %s).", feature, value,
+                       problem, name)
+        counter[(feature, value)] += count
 
     def group_patients(self, rows: Mapping[str, torch.Tensor], patient_index: torch.Tensor,
                        num_patients: int) -> dict[str, torch.Tensor]:
@@ -319,9 +309,6 @@ class SLIMPProcessor(ProcessorMixin):
         else:
             codes = codes.new_empty((num_patients, 0))
         self._count_unknown(patient, codes)
-        # info, not a warning: the schema leaves out categories that fewer than 5 training patients share, so a
-        # training split's rare values land here too, by design
-        self._warn_values(self.unknown_categories, "is not a known category", logging.INFO)
         return {
             "lesion_numerical_values": rows["lesion_numerical_values"],
             "lesion_categorical_ids": lesion_codes.clamp(min=0),
@@ -338,7 +325,6 @@ class SLIMPProcessor(ProcessorMixin):
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
         lesion_numbers, lesion_codes = self._encode(lesion, columns, num_rows)
         patient_numbers, patient_codes = self._encode(patient, columns, num_rows)
-        self._warn_values(self.invalid_numbers, "is not a number")
         return {"lesion_numerical_values": lesion_numbers, "lesion_categorical_codes": lesion_codes,
                 "patient_numerical_values": patient_numbers, "patient_categorical_codes": patient_codes}
 
@@ -348,22 +334,31 @@ class SLIMPProcessor(ProcessorMixin):
         for j, (feature, vocabulary) in enumerate(config.categorical_features.items()):
             names = self._category_cache.get((feature, tuple(vocabulary)), {}).get("unknown", [])
             for code, count in zip(*torch.unique(codes[:, j][codes[:, j] <= -2], return_counts=True)):
-                self.unknown_categories[(feature, names[-2 - int(code)])] += int(count)
+                # info, not a warning: the schema leaves out categories that fewer than 5 training patients share,
+                # so a training split's rare values land here too, by design
+                self._count(self.unknown_categories, feature, names[-2 - int(code)], int(count), logging.INFO)
 
     def check_columns(self, column_names: Iterable[str]) -> list[str]:
         """The schema columns absent from `column_names` (a table's columns): each is read as missing, and
         `patient_id` missing makes every lesion its own patient. Says so once per column (info level: any subset
         of the columns is a valid input; a missing `patient_id` is a warning) for this processor
         and the copies made of it afterwards, so a training script calls it on the dataset's columns
-        before its DataLoader workers copy the processor (each epoch), instead of every worker warning."""
+        before its DataLoader workers copy the processor (each epoch), instead of every worker warning. A column
+        that is not read but nearly names an absent one (`age_aprox`) is a typo: a warning, with the same once."""
         column_names = set(column_names)
         lesion, patient = self.config.lesion_metadata_config, self.config.patient_metadata_config
-        absent = [f for f in lesion.feature_names + patient.feature_names if f not in column_names]
+        features = lesion.feature_names + patient.feature_names
+        absent = [f for f in features if f not in column_names]
         new = [f for f in absent if f not in self._warned_absent]
         if new:
             self._warned_absent.update(new)
             # Any subset of the columns is a valid input (an expected condition, not a fault): info, not a warning.
             logger.info("metadata has no column(s) %s: treated as missing.", ", ".join(new))
+            unread = [c for c in column_names - {*features, PATIENT_COLUMN} if isinstance(c, str)]
+            for feature in new:
+                for close in difflib.get_close_matches(feature, unread, n=1, cutoff=0.85):
+                    logger.warning("metadata column '%s' is not read (did you mean '%s'?): '%s' is treated as missing.",
+                                   close, feature, feature)
         if PATIENT_COLUMN not in column_names:
             absent.append(PATIENT_COLUMN)
             if PATIENT_COLUMN not in self._warned_absent:
@@ -406,7 +401,8 @@ class SLIMPProcessor(ProcessorMixin):
             if feature in columns:
                 block[:, j], invalid = number_array(columns[feature])
                 if invalid:
-                    self.invalid_numbers.update((feature, str(value)) for value in invalid)
+                    for value in invalid:
+                        self._count(self.invalid_numbers, feature, str(value), 1)
         with np.errstate(invalid="ignore"):
             block[~np.isfinite(block)] = np.nan
         categorical_features = config.categorical_features
