@@ -24,6 +24,7 @@ from PIL import Image
 
 from modeling_slimp import SLIMPConfig, SLIMPForLesionClassification, SLIMPModel, SLIMPProcessor
 from modeling_slimp.schema_slimp import leaks_label
+from training.arguments import require_paths
 from training.labels import LabelError, positive_class
 
 
@@ -44,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metadata", default="{}", help="JSON object of metadata, or a path to a JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated lesion")
     args = parser.parse_args(argv)
-    for option in ("model_dir", "image"):  # one usage line, not a traceback, for a path that is not there
-        if getattr(args, option) and not Path(getattr(args, option)).exists():
-            parser.error(f"--{option} {getattr(args, option)}: no such file or folder")
+    require_paths(parser, args, "model_dir", "image")
 
     if args.image:
         image = Image.open(args.image)

@@ -38,6 +38,7 @@ import pandas as pd
 
 from modeling_slimp import SLIMPConfig
 from training import finetune
+from training.arguments import require_paths
 from training.data.rows import split_patients
 from training.labels import LabelError, binary_label_order, describe, positive_class
 
@@ -150,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source_name", default="own-csv", help="dataset name shown in the model card")
     parser.add_argument("--license", default="other", help="licence of your data (a Hub licence id)")
     args, finetune_args = parser.parse_known_args(argv)
-    for option in ("model_dir", "csv", "image_dir"):  # one usage line, not a traceback, for a path that is not there
-        if getattr(args, option) and not Path(getattr(args, option)).exists():
-            parser.error(f"--{option} {getattr(args, option)}: no such file or folder")
+    require_paths(parser, args, "model_dir", "csv", "image_dir")
 
     dataset_dir = Path(args.dataset_dir or f"{Path(args.output_dir)}-dataset")
     csv_to_dataset(args, SLIMPConfig.from_pretrained(args.model_dir), dataset_dir)

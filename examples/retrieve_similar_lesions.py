@@ -18,11 +18,11 @@ above the index's mean the hit lies, which is what says whether a neighbour is c
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from modeling_slimp import SLIMPModel, SLIMPProcessor
+from training.arguments import require_paths
 from training.data.collate import DecodingCollator
 from training.data.dataset import load_slimp_dataset
 from training.embeddings import embed_split
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query_image_id", help="the query lesion's image_id (instead of --query_index)")
     parser.add_argument("--k", type=int, default=5, help="neighbours listed per ranking")
     args = parser.parse_args(argv)
-    for option in ("model_dir", "dataset_dir"):  # one usage line, not a traceback, for a folder that is not there
-        if not Path(getattr(args, option)).exists():
-            parser.error(f"--{option} {getattr(args, option)}: no such folder")
+    require_paths(parser, args, "model_dir", "dataset_dir")
 
     model = SLIMPModel.from_pretrained(args.model_dir).eval()
     collator = DecodingCollator(SLIMPProcessor.from_pretrained(args.model_dir), train=False)

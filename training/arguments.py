@@ -141,6 +141,15 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """No dataset at that path or Hub id (still a `FileNotFoundError` for callers that catch that)."""
 
 
+def require_paths(parser: argparse.ArgumentParser, args, *options: str) -> None:
+    """An argparse script's path options that must exist when given: a usage error naming the first that does not
+    (exit status 2, one line), before any work, instead of a traceback later."""
+    for option in options:
+        value = getattr(args, option)
+        if value and not os.path.exists(value):
+            parser.error(f"--{option} {value}: no such file or folder")
+
+
 def check_source(path, option: str, kind: str) -> None:
     """An argument naming a local folder or a Hub repository (`kind`: "model" or "dataset"): when no such folder
     exists here and the Hub cannot be asked (HF_HUB_OFFLINE) or the value cannot be a repository id, one error
